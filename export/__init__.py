@@ -1,0 +1,1 @@
+"""gvsl.export"""

@@ -1,0 +1,135 @@
+"""Model configuration: the one description of a GVSL network's shape.
+
+Pure Python (no torch) so that the runtime and the exporters can read and
+write it too. It travels with the weights as JSON (``model.json`` beside
+``model.safetensors``) and inside ONNX metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+#: Official GVSL widths: encoder 32..512, decoder 256..32.
+DEFAULT_WIDTHS: tuple[int, ...] = (32, 64, 128, 256, 512, 256, 128, 64, 32)
+
+#: Named presets for ``--widths``; ``tiny`` keeps CPU tests fast.
+WIDTH_PRESETS: dict[str, tuple[int, ...]] = {
+    "default": DEFAULT_WIDTHS,
+    "small": (16, 32, 64, 128, 256, 128, 64, 32, 16),
+    "tiny": (8, 16, 16, 32, 32, 32, 16, 16, 8),
+}
+
+#: Four 2x poolings: every spatial size the network sees is a multiple of this.
+SIZE_MULTIPLE = 16
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a GVSL network."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a GVSL network (backbone + Z-matching head + restoration head).
+
+    ``widths`` are the nine U-Net widths (inc, down1..down4, up1..up4).
+    ``affine_width`` / ``deform_width`` / ``restore_width`` are the hidden
+    widths of the affine, deformable and restoration heads (official: 256, 16,
+    16). Every width must be a multiple of 8 because GroupNorm uses width/8
+    groups (restoration: width/4).
+    """
+
+    widths: tuple[int, ...] = DEFAULT_WIDTHS
+    in_channels: int = 1
+    affine_width: int = 256
+    deform_width: int = 16
+    restore_width: int = 16
+
+    def __post_init__(self) -> None:
+        widths = tuple(int(w) for w in self.widths)
+        object.__setattr__(self, "widths", widths)
+        if len(widths) != 9:
+            raise ConfigError(f"widths needs 9 numbers (got {len(widths)}): {widths}")
+        for w in (*widths, self.affine_width, self.deform_width):
+            if w <= 0 or w % 8:
+                raise ConfigError(
+                    f"every width must be a positive multiple of 8 (GroupNorm uses width/8 "
+                    f"groups); got {w} in {widths}"
+                )
+        if self.restore_width <= 0 or self.restore_width % 4:
+            raise ConfigError(f"restore_width must be a positive multiple of 4, got {self.restore_width}")
+        if self.in_channels < 1:
+            raise ConfigError(f"in_channels must be >= 1, got {self.in_channels}")
+
+    @property
+    def embedding_dim(self) -> int:
+        """Length of the global embedding (channels of the bottleneck)."""
+        return self.widths[4]
+
+    @property
+    def feature_dim(self) -> int:
+        """Channels of the dense local features (last decoder output)."""
+        return self.widths[8]
+
+    @classmethod
+    def from_preset(cls, name_or_widths: str | tuple[int, ...] | list[int], **kw: Any) -> "ModelConfig":
+        """Build from a preset name (``tiny``/``small``/``default``) or
+        a comma-separated / sequence of nine widths."""
+        if isinstance(name_or_widths, str):
+            if name_or_widths in WIDTH_PRESETS:
+                return cls(widths=WIDTH_PRESETS[name_or_widths], **kw)
+            try:
+                widths = tuple(int(x) for x in name_or_widths.split(","))
+            except ValueError:
+                raise ConfigError(
+                    f"unknown widths {name_or_widths!r}: use one of "
+                    f"{', '.join(WIDTH_PRESETS)} or nine comma-separated numbers"
+                ) from None
+            return cls(widths=widths, **kw)
+        return cls(widths=tuple(name_or_widths), **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
+        d = dict(d)
+        if "widths" in d:
+            d["widths"] = tuple(d["widths"])
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the three GVSL loss terms (official: all 1)."""
+
+    ncc: float = 1.0
+    mse: float = 1.0
+    smooth: float = 1.0
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+__all__ = [
+    "ConfigError",
+    "DEFAULT_WIDTHS",
+    "LossWeights",
+    "ModelConfig",
+    "SIZE_MULTIPLE",
+    "WIDTH_PRESETS",
+]

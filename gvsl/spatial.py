@@ -1,0 +1,176 @@
+"""Spatial operations of GVSL: grids, affine and displacement warps, composition.
+
+The one module every part of gvsl warps with (model heads, augmentation,
+export). Everything reduces to a single primitive, :func:`sample`, which reads
+a volume at voxel positions; a later exporter can swap that primitive for a
+TensorRT-friendly gather without touching the maths around it.
+
+Conventions (see GVSL_SPEC.md §3):
+
+* tensors are ``[N, C, D, H, W]``; a voxel position is ``(d, h, w)``;
+  displacement channel ``a`` moves along array axis ``a`` in voxels;
+* the affine head's matrix ``mat = [M | t]`` acts, like the official code, on
+  PyTorch's normalised coordinates ``(x=W, y=H, z=D)`` with
+  ``align_corners=False``, after the translation of row ``i`` is divided by
+  spatial size ``i`` taken in (D, H, W) order (a quirk kept for checkpoint
+  parity; moot for cubes). :func:`affine_to_voxel` turns it into an
+  equivalent matrix on voxel indices, so affine and deformable warps share
+  one sampler;
+* displacement fields are applied in voxel units with ``align_corners=True``
+  semantics (voxel ``i`` sits at normalised ``2 i / (n - 1) - 1``): a zero
+  field is an exact identity. The official code normalises this way but calls
+  ``grid_sample(align_corners=False)``, which shifts and shrinks the grid by
+  half a voxel; pass ``align_corners=False`` to reproduce that exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from gvsl.runtime.geometry import dvf_mm_to_voxel, dvf_voxel_to_mm, voxel_spacing
+
+__all__ = [
+    "affine_from_params",
+    "affine_to_voxel",
+    "affine_warp",
+    "compose_affine_dvf",
+    "dvf_mm_to_voxel",
+    "dvf_voxel_to_mm",
+    "dvf_warp",
+    "identity_grid",
+    "sample",
+    "voxel_affine_locations",
+    "voxel_spacing",
+    "ROT_RANGE",
+    "SCALE_RANGE",
+    "SHEAR_RANGE",
+]
+
+#: Limits of the affine head (and of the spatial augmentation): rotation
+#: +-pi/9 per axis, scale 1 +- 0.25, shear +-pi/18.
+ROT_RANGE = math.pi / 9
+SCALE_RANGE = 0.25
+SHEAR_RANGE = math.pi / 18
+
+
+def identity_grid(
+    shape: Sequence[int], device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Voxel indices of a ``(D, H, W)`` grid as ``[1, 3, D, H, W]``."""
+    axes = [torch.arange(int(n), device=device, dtype=dtype) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
+
+
+def sample(
+    src: torch.Tensor,
+    locs: torch.Tensor,
+    mode: str = "bilinear",
+    align_corners: bool = True,
+) -> torch.Tensor:
+    """Read ``src [N, C, D, H, W]`` at voxel positions ``locs [N, 3, d, h, w]``.
+
+    Trilinear (``mode="bilinear"``) or ``"nearest"``; outside the volume reads
+    zero. ``align_corners=False`` applies the official DVF normalisation with
+    ``grid_sample``'s default, for parity with the authors' warped output.
+    """
+    shape = src.shape[2:]
+    scale = torch.tensor(
+        [2.0 / max(int(n) - 1, 1) for n in shape], device=locs.device, dtype=locs.dtype
+    ).view(1, 3, 1, 1, 1)
+    norm = locs * scale - 1.0
+    grid = norm.permute(0, 2, 3, 4, 1).flip(-1)  # (d, h, w) -> grid_sample's (x, y, z)
+    if grid.shape[0] != src.shape[0]:
+        grid = grid.expand(src.shape[0], *grid.shape[1:])
+    return F.grid_sample(src, grid, mode=mode, padding_mode="zeros", align_corners=align_corners)
+
+
+def affine_from_params(
+    rot: torch.Tensor, scale: torch.Tensor, trans: torch.Tensor, shear: torch.Tensor
+) -> torch.Tensor:
+    """Batched, differentiable ``[N, 3, 4]`` affine ``[Shear Scale Rz Ry Rx | t]``.
+
+    ``rot`` (x, y, z) and ``shear`` (xy, xz, yx, yz, zx, zy) in radians,
+    ``scale`` as factors, ``trans`` raw. Built with tensor ops only, so the
+    gradient reaches the affine head (the official release lost it by going
+    through Python floats) and any batch size works.
+    """
+    one = torch.ones_like(rot[:, 0])
+    zero = torch.zeros_like(one)
+    cx, cy, cz = torch.cos(rot).unbind(1)
+    sx, sy, sz = torch.sin(rot).unbind(1)
+
+    def mat(*rows: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([torch.stack(list(r), dim=-1) for r in rows], dim=-2)
+
+    rx = mat((one, zero, zero), (zero, cx, -sx), (zero, sx, cx))
+    ry = mat((cy, zero, sy), (zero, one, zero), (-sy, zero, cy))
+    rz = mat((cz, -sz, zero), (sz, cz, zero), (zero, zero, one))
+    sc = torch.diag_embed(scale)
+    t = torch.tan(shear)
+    sh = mat((one, t[:, 0], t[:, 1]), (t[:, 2], one, t[:, 3]), (t[:, 4], t[:, 5], one))
+    m = sh @ sc @ rz @ ry @ rx
+    return torch.cat([m, trans.unsqueeze(-1)], dim=-1)
+
+
+def affine_to_voxel(mat: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Official ``[N, 3, 4]`` affine -> the same map on voxel indices ``(d, h, w)``.
+
+    Output voxel ``p`` reads input voxel ``A p + b`` (``[N, 3, 4] = [A | b]``).
+    Derivation: with ``align_corners=False`` a voxel index ``w`` sits at
+    normalised ``(2 w + 1) / W - 1``; the official translation of row ``i`` is
+    divided by ``shape[i]`` (D, H, W order) before ``affine_grid``.
+    """
+    d, h, w = (float(n) for n in shape)
+    dt, dev = mat.dtype, mat.device
+    lin, t = mat[:, :, :3], mat[:, :, 3]
+    t = t / torch.tensor([d, h, w], dtype=dt, device=dev)  # the size quirk
+    # normalised (x, y, z) = S * (w, h, d) + c; flip converts between orders.
+    s = torch.tensor([2.0 / w, 2.0 / h, 2.0 / d], dtype=dt, device=dev)
+    c = s / 2.0 - 1.0
+    # voxel-space linear part: P^T S^-1 A S P, with P the axis reversal.
+    a_xyz = lin * s.view(1, 1, 3) / s.view(1, 3, 1)
+    a_vox = a_xyz.flip(1).flip(2)
+    b_xyz = (lin @ c + t - c) / s
+    b_vox = b_xyz.flip(1)
+    return torch.cat([a_vox, b_vox.unsqueeze(-1)], dim=-1)
+
+
+def voxel_affine_locations(vox_mat: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Sampling positions ``A p + b`` for every voxel ``p`` of ``shape``: ``[N, 3, D, H, W]``."""
+    grid = identity_grid(shape, vox_mat.device, vox_mat.dtype).flatten(2)  # [1, 3, V]
+    locs = vox_mat[:, :, :3] @ grid + vox_mat[:, :, 3:]
+    return locs.view(vox_mat.shape[0], 3, *shape)
+
+
+def affine_warp(src: torch.Tensor, mat: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Warp ``src`` with an official-convention affine ``[N, 3, 4]`` (the affine head)."""
+    shape = src.shape[2:]
+    return sample(src, voxel_affine_locations(affine_to_voxel(mat, shape), shape), mode=mode)
+
+
+def dvf_warp(
+    src: torch.Tensor, dvf: torch.Tensor, mode: str = "bilinear", align_corners: bool = True
+) -> torch.Tensor:
+    """Warp ``src`` by a displacement field in voxels: ``out(p) = src(p + dvf(p))``."""
+    grid = identity_grid(dvf.shape[2:], dvf.device, dvf.dtype)
+    return sample(src, grid + dvf, mode=mode, align_corners=align_corners)
+
+
+def compose_affine_dvf(mat: torch.Tensor, dvf: torch.Tensor) -> torch.Tensor:
+    """Fused displacement ``psi(p) = T(p + dvf(p)) - p`` in voxels.
+
+    ``T`` is the affine head's map; the local field acts first, in the fixed
+    image's grid (GVSL supplement). ``dvf_warp(moving, fused)`` equals
+    ``dvf_warp(affine_warp(moving, mat), dvf)`` up to interpolation, with a
+    single resampling.
+    """
+    shape = dvf.shape[2:]
+    vox = affine_to_voxel(mat, shape)
+    grid = identity_grid(shape, dvf.device, dvf.dtype)
+    q = (grid + dvf).flatten(2)
+    mapped = vox[:, :, :3] @ q + vox[:, :, 3:]
+    return mapped.view_as(dvf) - grid
