@@ -1,0 +1,527 @@
+"""The single preprocessing implementation, shared by training and inference.
+
+Training caches what :func:`preprocess` returns and inference calls it on every
+request, so the two can never drift apart. numpy / scipy / nibabel only: this
+module is part of the torch-free runtime.
+
+Conventions (GVSL_SPEC §4): volumes are turned to RAS+ closest canonical,
+resampled to 1 mm³ by default, then intensities go to [0, 1] — CT by clipping HU
+to [-1024, 1024] (the authors' [0, 2048] window on HU+1024 data), MR by robust
+percentiles of the nonzero voxels. Resampling aligns voxel *centres*: the first
+voxel centre stays where it was, so the affine only changes its zooms.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
+
+from .errors import GvslInputError
+
+#: File endings nibabel reads as single volumes we accept (.hdr/.img = Analyze/NIfTI pair).
+VOLUME_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz", ".mgz", ".mgh", ".img", ".hdr")
+
+MODALITIES: tuple[str, ...] = ("ct", "mr", "none")
+
+Pads = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How raw volumes become network input. Saved beside checkpoints and exports
+    (``to_dict``) so inference repeats exactly what training did.
+
+    ``spacing`` target voxel size in mm (None keeps the native grid);
+    ``modality`` "ct" (HU window), "mr" (nonzero-voxel percentiles) or "none"
+    (values untouched); ``canonical`` reorients to RAS+ first so that array
+    axes mean the same anatomy in every volume.
+    """
+
+    spacing: tuple[float, float, float] | None = (1.0, 1.0, 1.0)
+    modality: str = "ct"
+    ct_window: tuple[float, float] = (-1024.0, 1024.0)
+    mr_percentiles: tuple[float, float] = (0.5, 99.5)
+    canonical: bool = True
+
+    def __post_init__(self) -> None:
+        if self.spacing is not None:
+            sp = _float_tuple(self.spacing, 3, "spacing")
+            if not all(math.isfinite(s) and s > 0 for s in sp):
+                raise ValueError(f"spacing must be three positive mm values, got {sp}")
+            object.__setattr__(self, "spacing", sp)
+        if self.modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
+        win = _float_tuple(self.ct_window, 2, "ct_window")
+        if not (all(math.isfinite(v) for v in win) and win[0] < win[1]):
+            raise ValueError(f"ct_window must be (low, high) HU with low < high, got {win}")
+        object.__setattr__(self, "ct_window", win)
+        pct = _float_tuple(self.mr_percentiles, 2, "mr_percentiles")
+        if not (0.0 <= pct[0] < pct[1] <= 100.0):
+            raise ValueError(f"mr_percentiles must satisfy 0 <= low < high <= 100, got {pct}")
+        object.__setattr__(self, "mr_percentiles", pct)
+        if self.canonical not in (True, False):
+            raise ValueError(f"canonical must be true or false, got {self.canonical!r}")
+        object.__setattr__(self, "canonical", bool(self.canonical))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (tuples become lists)."""
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown preprocess config keys: {sorted(unknown)}")
+        d = dict(d)
+        for k in ("spacing", "ct_window", "mr_percentiles"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+def _float_tuple(value: Any, n: int, name: str) -> tuple[float, ...]:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {n} numbers, got {value!r}") from None
+    if len(out) != n:
+        raise ValueError(f"{name} must be {n} numbers, got {value!r}")
+    return out
+
+
+# ----------------------------------------------------------------------------- volumes
+@dataclass
+class Volume:
+    """A 3-D float32 array and the 4x4 affine mapping its voxel indices to world mm."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    source: str = "<array>"
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm (column norms of the affine)."""
+        return tuple(float(s) for s in voxel_sizes(self.affine))  # type: ignore[return-value]
+
+
+def voxel_sizes(affine: np.ndarray) -> np.ndarray:
+    """Voxel size along each array axis = norm of the affine's 3x3 columns."""
+    return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+
+
+def _has_volume_suffix(name: str) -> bool:
+    return name.lower().endswith(VOLUME_SUFFIXES)
+
+
+def _fmt_shape(shape: tuple[int, ...]) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+def _spatial_shape(shape: tuple[int, ...], name: str) -> tuple[int, int, int]:
+    """Validate a raw shape and return it as 3-D (trailing singleton dims dropped)."""
+    shape = tuple(int(s) for s in shape)
+    if any(s == 0 for s in shape) or len(shape) == 0:
+        raise GvslInputError(
+            f"{name}: volume is empty (shape {shape}); give a volume with voxels", name
+        )
+    squeezed = shape
+    while len(squeezed) > 3 and squeezed[-1] == 1:
+        squeezed = squeezed[:-1]
+    if len(squeezed) > 3:
+        raise GvslInputError(
+            f"{name}: volume is {len(shape)}-D ({_fmt_shape(shape)}); give a single 3-D volume "
+            "(split it with fslsplit or nibabel)",
+            name,
+        )
+    if len(squeezed) < 3 or min(squeezed) < 2:
+        raise GvslInputError(
+            f"{name}: image is 2-D ({_fmt_shape(shape)}); GVSL needs a 3-D volume with at least "
+            "2 voxels along every axis (stack the slices into one NIfTI, e.g. with dcm2niix)",
+            name,
+        )
+    return squeezed  # type: ignore[return-value]
+
+
+def _check_voxels(shape: tuple[int, int, int], max_voxels: int | None, name: str) -> None:
+    n = math.prod(shape)
+    if max_voxels is not None and n > max_voxels:
+        raise GvslInputError(
+            f"{name}: volume has {n} voxels ({_fmt_shape(shape)}), more than the limit of "
+            f"{max_voxels}; crop or downsample it first, or raise the limit",
+            name,
+        )
+
+
+def _check_affine(affine: Any, name: str) -> np.ndarray:
+    try:
+        aff = np.asarray(affine, dtype=np.float64)
+    except (TypeError, ValueError):
+        aff = np.full((4, 4), np.nan)
+    if aff.shape != (4, 4):
+        raise GvslInputError(f"{name}: affine must be 4x4, got shape {aff.shape}", name)
+    ok = bool(np.isfinite(aff).all())
+    if ok:
+        det = float(np.linalg.det(aff[:3, :3]))
+        ok = math.isfinite(det) and abs(det) > 1e-12 * max(
+            1.0, float(np.abs(aff[:3, :3]).max()) ** 3
+        )
+    if not ok:
+        raise GvslInputError(
+            f"{name}: voxel-to-world affine is not finite or not invertible; fix the header's "
+            "sform/qform (voxel sizes and directions) and save again",
+            name,
+        )
+    return aff
+
+
+def _check_finite(data: np.ndarray, name: str) -> None:
+    if not np.isfinite(data).all():
+        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        raise GvslInputError(
+            f"{name}: {bad} voxel(s) are NaN or Inf; replace them (e.g. numpy.nan_to_num) and "
+            "save again",
+            name,
+        )
+
+
+def load_volume(path: str | os.PathLike[str], max_voxels: int | None = None) -> Volume:
+    """Read a NIfTI (or MGH / Analyze) volume as float32, validating everything.
+
+    Every failure is a :class:`GvslInputError` naming the file, so that a bad file
+    in a folder of thousands reads as a one-line report, not a traceback. The
+    header is checked before any data is read (so ``max_voxels`` is cheap), and
+    the full read is forced here so truncated gzip streams fail now, not
+    halfway through training.
+    """
+    p = Path(path)
+    name = str(path)
+    if not p.exists():
+        raise GvslInputError(f"{name}: file not found; check the path", name)
+    if p.is_dir():
+        raise GvslInputError(f"{name}: is a folder; give a .nii or .nii.gz file", name)
+    if not _has_volume_suffix(p.name):
+        raise GvslInputError(
+            f"{name}: not a NIfTI file (expected .nii or .nii.gz); convert it, e.g. with "
+            "dcm2niix or nibabel",
+            name,
+        )
+    if p.stat().st_size == 0:
+        raise GvslInputError(f"{name}: file is empty (0 bytes); re-export or re-copy it", name)
+    try:
+        img = nib.load(str(p))
+        shape = tuple(img.shape)
+        affine = img.affine
+    except Exception as e:  # nibabel raises many unrelated types for garbage input
+        raise GvslInputError(
+            f"{name}: cannot read as NIfTI ({type(e).__name__}: {_one_line(e)}); check the file "
+            "is a valid, complete .nii/.nii.gz",
+            name,
+        ) from e
+    shape3 = _spatial_shape(shape, name)
+    _check_voxels(shape3, max_voxels, name)
+    aff = _check_affine(affine, name)
+    try:
+        data = img.get_fdata(dtype=np.float32, caching="unchanged")
+    except MemoryError as e:
+        raise GvslInputError(
+            f"{name}: not enough memory to load {_fmt_shape(shape)} voxels; crop or downsample it",
+            name,
+        ) from e
+    except Exception as e:  # EOFError, zlib.error, OSError, ValueError ... for truncated data
+        raise GvslInputError(
+            f"{name}: file is corrupt or truncated ({type(e).__name__}: {_one_line(e)}); "
+            "re-export or re-copy it",
+            name,
+        ) from e
+    data = np.ascontiguousarray(data.reshape(shape3), dtype=np.float32)
+    _check_finite(data, name)
+    return Volume(data=data, affine=aff, source=name)
+
+
+def _one_line(e: BaseException, limit: int = 120) -> str:
+    msg = " ".join(str(e).split()) or "no details"
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+def volume_from_array(data: Any, affine: Any, source: str = "<array>") -> Volume:
+    """Wrap an in-memory array with the same validation as :func:`load_volume`."""
+    arr = np.asarray(data)
+    if arr.dtype.kind not in "biuf":
+        raise GvslInputError(
+            f"{source}: voxel type {arr.dtype} is not a real number type; give a numeric array",
+            source,
+        )
+    shape3 = _spatial_shape(arr.shape, source)
+    aff = _check_affine(affine, source)
+    arr = np.ascontiguousarray(arr.reshape(shape3), dtype=np.float32)
+    _check_finite(arr, source)
+    return Volume(data=arr, affine=aff, source=source)
+
+
+# ----------------------------------------------------------------------------- geometry
+def to_canonical(vol: Volume) -> Volume:
+    """Reorient to RAS+ closest canonical (flips / axis permutations only, no
+    interpolation); identical to ``nibabel.as_closest_canonical``."""
+    ornt = io_orientation(vol.affine)
+    if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
+        return vol
+    data = np.ascontiguousarray(apply_orientation(vol.data, ornt))
+    affine = vol.affine @ inv_ornt_aff(ornt, vol.data.shape)
+    return Volume(data=data, affine=affine, source=vol.source)
+
+
+def resample(vol: Volume, spacing: tuple[float, float, float] | float, order: int = 1) -> Volume:
+    """Resample to ``spacing`` mm, keeping the first voxel centre and the directions.
+
+    New shape = round(old_shape * old_spacing / new_spacing) (at least 1); new
+    voxel i sits at old index i * new/old along each axis, values beyond the last
+    old centre repeat the edge. Orders 0 (nearest, for labels) and 1 (linear)
+    run as separable, threaded 1-D passes (two gathers and a multiply-add per
+    axis, shrinking axes first), much faster than a trilinear
+    ``affine_transform`` on CT-sized volumes; higher orders use scipy splines.
+    Axes whose spacing already matches (within 1e-3 mm) are left untouched.
+    """
+    target = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,))
+    if not (np.isfinite(target).all() and (target > 0).all()):
+        raise ValueError(f"spacing must be positive mm values, got {spacing}")
+    old = voxel_sizes(vol.affine)
+    redo = np.abs(old - target) > 1e-3
+    if not redo.any():
+        return vol
+    scale = np.where(redo, target / old, 1.0)  # old-index step per new voxel
+    shape = np.asarray(vol.data.shape)
+    new_shape = np.where(redo, np.maximum(1, np.round(shape / scale)), shape).astype(int)
+    affine = vol.affine.copy()
+    affine[:3, :3] = vol.affine[:3, :3] * scale[None, :]
+    if order in (0, 1):
+        data = vol.data
+        # shrink first: later passes then touch fewer voxels
+        for ax in sorted(np.flatnonzero(redo), key=lambda a: new_shape[a] / shape[a]):
+            data = _resample_axis(data, int(ax), int(new_shape[ax]), float(scale[ax]), order)
+        data = np.ascontiguousarray(data, dtype=np.float32)
+    else:
+        from scipy import ndimage
+
+        data = ndimage.affine_transform(
+            vol.data,
+            scale,
+            output_shape=tuple(int(s) for s in new_shape),
+            order=order,
+            mode="nearest",
+            output=np.float32,
+        )
+    return Volume(data=data, affine=affine, source=vol.source)
+
+
+def _resample_axis(data: np.ndarray, axis: int, n_new: int, step: float, order: int) -> np.ndarray:
+    """1-D nearest/linear interpolation of ``data`` along ``axis`` at i*step, edge-clamped.
+
+    Work is split into slabs along another axis and run on a thread pool (numpy
+    releases the GIL in gathers and arithmetic), which is what lets this keep up
+    with multi-threaded SimpleITK on CT-sized volumes.
+    """
+    n_old = data.shape[axis]
+    x = np.arange(n_new, dtype=np.float64) * step
+    if order == 0:
+        i0 = np.minimum(np.floor(x + 0.5).astype(np.intp), n_old - 1)
+        i1 = w = None
+    else:
+        i0 = np.minimum(np.floor(x).astype(np.intp), n_old - 1)
+        i1 = np.minimum(i0 + 1, n_old - 1)
+        wshape = [1, 1, 1]
+        wshape[axis] = n_new
+        w = (x - i0).clip(0.0, 1.0).astype(np.float32).reshape(wshape)
+    out_shape = list(data.shape)
+    out_shape[axis] = n_new
+    out = np.empty(out_shape, dtype=np.float32)
+    split = 1 if axis == 0 else 0
+
+    def work(start: int, stop: int) -> None:
+        sl = [slice(None)] * 3
+        sl[split] = slice(start, stop)
+        src, dst = data[tuple(sl)], out[tuple(sl)]
+        if i1 is None:
+            dst[...] = np.take(src, i0, axis=axis)
+            return
+        lo = np.take(src, i0, axis=axis)
+        hi = np.take(src, i1, axis=axis)
+        np.subtract(hi, lo, out=hi)
+        hi *= w
+        np.add(hi, lo, out=dst)
+
+    n_split = data.shape[split]
+    threads = _n_threads() if out.size >= 1 << 20 else 1
+    if threads == 1:
+        work(0, n_split)
+        return out
+    bounds = np.linspace(0, n_split, min(n_split, 4 * threads) + 1).astype(int)
+    with ThreadPoolExecutor(threads) as pool:
+        for f in [pool.submit(work, a, b) for a, b in pairwise(bounds) if b > a]:
+            f.result()
+    return out
+
+
+def _n_threads() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 16))
+
+
+# ----------------------------------------------------------------------------- intensity
+def normalize_intensity(data: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """Map intensities to [0, 1] float32 (``ct``: HU window; ``mr``: robust min/max
+    of nonzero voxels, because MR has no absolute scale and its zero background
+    would otherwise dominate the statistics); ``none`` only casts to float32."""
+    data = np.asarray(data, dtype=np.float32)
+    if cfg.modality == "ct":
+        lo, hi = cfg.ct_window
+        out = np.clip(data, lo, hi)
+        out -= np.float32(lo)
+        out *= np.float32(1.0 / (hi - lo))
+        return out
+    if cfg.modality == "mr":
+        nonzero = data[data != 0]
+        if nonzero.size == 0:
+            return np.zeros_like(data)
+        lo, hi = (float(v) for v in np.percentile(nonzero, cfg.mr_percentiles))
+        if not hi > lo:  # constant image: nothing to scale, keep it finite
+            return np.zeros_like(data)
+        out = data - np.float32(lo)
+        out *= np.float32(1.0 / (hi - lo))
+        np.clip(out, 0.0, 1.0, out=out)
+        return out
+    return data
+
+
+# ----------------------------------------------------------------------------- padding
+def _pads_for(shape: tuple[int, ...], target: tuple[int, ...]) -> Pads:
+    pads = []
+    for n, t in zip(shape, target, strict=True):
+        total = max(0, int(t) - int(n))
+        pads.append((total // 2, total - total // 2))
+    return tuple(pads)  # type: ignore[return-value]
+
+
+def _apply_pads(data: np.ndarray, pads: Pads, value: float) -> np.ndarray:
+    if not any(b or a for b, a in pads):
+        return data
+    width = [(0, 0)] * (data.ndim - 3) + [tuple(p) for p in pads]
+    return np.pad(data, width, mode="constant", constant_values=value)
+
+
+def pad_to_multiple(
+    data: np.ndarray, multiple: int = 16, value: float = 0.0
+) -> tuple[np.ndarray, Pads]:
+    """Pad the last 3 axes up to a multiple of ``multiple`` (the U-Net pools 4x by 2).
+
+    Padding is split before = total // 2, after = the rest, so the content stays
+    centred; returns the array (unchanged object if no padding is needed) and the
+    pads ``((b0, a0), (b1, a1), (b2, a2))`` for :func:`unpad`.
+    """
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    shape = data.shape[-3:]
+    target = tuple(-(-int(n) // multiple) * multiple for n in shape)
+    pads = _pads_for(shape, target)
+    return _apply_pads(data, pads, value), pads
+
+
+def pad_to_shape(
+    data: np.ndarray, shape: tuple[int, int, int], value: float = 0.0
+) -> tuple[np.ndarray, Pads]:
+    """Pad the last 3 axes up to at least ``shape`` (axes already large enough are kept)."""
+    pads = _pads_for(data.shape[-3:], tuple(shape))
+    return _apply_pads(data, pads, value), pads
+
+
+def unpad(data: Any, pads: Pads) -> Any:
+    """Undo :func:`pad_to_multiple` / :func:`pad_to_shape` on the last 3 axes
+    (works on [D,H,W], [C,D,H,W] and torch tensors alike)."""
+    idx = tuple(slice(b, n - a) for (b, a), n in zip(pads, data.shape[-3:], strict=True))
+    return data[(Ellipsis, *idx)]
+
+
+# ----------------------------------------------------------------------------- pipeline
+def preprocess(vol: Volume, cfg: PreprocessConfig) -> Volume:
+    """canonical (if ``cfg.canonical``) → resample (if ``cfg.spacing``) → normalise.
+
+    The returned affine maps the preprocessed grid to world mm, so outputs
+    computed on it (features, displacement fields) can be saved as NIfTI
+    directly or mapped back to the input grid.
+    """
+    if cfg.canonical:
+        vol = to_canonical(vol)
+    if cfg.spacing is not None:
+        vol = resample(vol, cfg.spacing, order=1)
+    return Volume(data=normalize_intensity(vol.data, cfg), affine=vol.affine, source=vol.source)
+
+
+# ----------------------------------------------------------------------------- output
+def save_nifti(path: str | os.PathLike[str], data: np.ndarray, affine: np.ndarray) -> Path:
+    """Write a NIfTI atomically (temp file in the same folder, then ``os.replace``),
+    so readers never see a half-written file and an interrupted run leaves none.
+
+    bool becomes uint8 and int64 becomes int32 (NIfTI readers choke on int64);
+    sform and qform are both set (code 1, scanner) so every viewer agrees.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.asarray(data)
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    elif arr.dtype == np.int64:
+        arr = arr.astype(np.int32)
+    elif arr.dtype == np.float16:
+        arr = arr.astype(np.float32)
+    aff = np.asarray(affine, dtype=np.float64)
+    img = nib.Nifti1Image(arr, aff)
+    img.set_sform(aff, code=1)
+    img.set_qform(aff, code=1)
+    img.header.set_xyzt_units("mm")
+    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+__all__ = [
+    "MODALITIES",
+    "VOLUME_SUFFIXES",
+    "Pads",
+    "PreprocessConfig",
+    "Volume",
+    "load_volume",
+    "normalize_intensity",
+    "pad_to_multiple",
+    "pad_to_shape",
+    "preprocess",
+    "resample",
+    "save_nifti",
+    "to_canonical",
+    "unpad",
+    "volume_from_array",
+    "voxel_sizes",
+]
