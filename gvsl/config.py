@@ -21,6 +21,14 @@ WIDTH_PRESETS: dict[str, tuple[int, ...]] = {
     "tiny": (8, 16, 16, 32, 32, 32, 16, 16, 8),
 }
 
+#: Head widths (affine, deform, restore) that go with each preset: the
+#: official 256/16/16 would dwarf a tiny backbone.
+HEAD_PRESETS: dict[str, tuple[int, int, int]] = {
+    "default": (256, 16, 16),
+    "small": (128, 16, 16),
+    "tiny": (32, 8, 8),
+}
+
 #: Four 2x poolings: every spatial size the network sees is a multiple of this.
 SIZE_MULTIPLE = 16
 
@@ -74,11 +82,13 @@ class ModelConfig:
 
     @classmethod
     def from_preset(cls, name_or_widths: str | tuple[int, ...] | list[int], **kw: Any) -> "ModelConfig":
-        """Build from a preset name (``tiny``/``small``/``default``) or
-        a comma-separated / sequence of nine widths."""
+        """Build from a preset name (``tiny``/``small``/``default``, head widths
+        included) or a comma-separated / sequence of nine widths (official heads)."""
         if isinstance(name_or_widths, str):
             if name_or_widths in WIDTH_PRESETS:
-                return cls(widths=WIDTH_PRESETS[name_or_widths], **kw)
+                names = ("affine_width", "deform_width", "restore_width")
+                heads = dict(zip(names, HEAD_PRESETS[name_or_widths], strict=True))
+                return cls(widths=WIDTH_PRESETS[name_or_widths], **{**heads, **kw})
             try:
                 widths = tuple(int(x) for x in name_or_widths.split(","))
             except ValueError:
@@ -128,6 +138,7 @@ class LossWeights:
 __all__ = [
     "ConfigError",
     "DEFAULT_WIDTHS",
+    "HEAD_PRESETS",
     "LossWeights",
     "ModelConfig",
     "SIZE_MULTIPLE",

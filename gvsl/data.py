@@ -226,8 +226,9 @@ class PairDataset(IterableDataset):
     takes x1 from this rank's shard (``volumes[rank::world_size]`` when there
     are at least ``world_size`` volumes, else all of them) and x2 from all
     volumes except x1's, so the pair is always two different volumes unless only
-    one exists. Crops are uniform over valid positions; volumes smaller than the
-    patch are zero-padded (0 = background after normalisation), centred.
+    one exists. Both crops are centred at the same random relative position of
+    their volumes (see :meth:`sample`); volumes smaller than the patch are
+    zero-padded (0 = background after normalisation), centred.
 
     Randomness comes from one ``np.random.Generator`` seeded with
     ``SeedSequence(seed, spawn_key=(rank, worker_id))`` (worker 0 when iterated
@@ -335,11 +336,13 @@ class PairDataset(IterableDataset):
         self._loaded_state = state["rng"]
         self._rng = None
 
-    def crop(self, arr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Uniform random crop of ``patch_size`` (zero-padded where the volume is smaller)."""
+    def crop(self, arr: np.ndarray, where: np.ndarray) -> np.ndarray:
+        """Crop of ``patch_size`` centred at fraction ``where`` (per axis, in [0, 1]) of
+        the volume, shifted inside at the borders; zero-padded where the volume is
+        smaller than the patch."""
         idx = []
-        for n, p in zip(arr.shape, self.patch_size, strict=True):
-            start = int(rng.integers(0, n - p + 1)) if n > p else 0
+        for n, p, u in zip(arr.shape, self.patch_size, where, strict=True):
+            start = min(max(int(round(float(u) * n - p / 2)), 0), n - p) if n > p else 0
             idx.append(slice(start, start + p))
         patch = np.array(arr[tuple(idx)], dtype=np.float32)
         if patch.shape != self.patch_size:
@@ -347,7 +350,14 @@ class PairDataset(IterableDataset):
         return patch
 
     def sample(self) -> dict[str, torch.Tensor]:
-        """Draw one pair."""
+        """Draw one pair: two volumes, cropped at the same *relative* position.
+
+        GVSL learns to register x2 onto x1, which only makes sense when both
+        crops hold roughly the same anatomy (the authors feed whole, similarly
+        framed volumes). Volumes are in RAS+ after preprocessing, so the same
+        fractional position picks corresponding regions; the augmentation then
+        supplies the misalignment the Z-matching head must undo.
+        """
         rng = self._generator()
         n = len(self.volumes)
         i = self.shard[int(rng.integers(len(self.shard)))]
@@ -356,8 +366,9 @@ class PairDataset(IterableDataset):
             j += j >= i  # uniform over the other volumes
         else:
             j = i
-        x1 = self.crop(self._array(i), rng)
-        x2 = self.crop(self._array(j), rng)
+        where = rng.random(3)
+        x1 = self.crop(self._array(i), where)
+        x2 = self.crop(self._array(j), where)
         return {"x1": torch.from_numpy(x1)[None], "x2": torch.from_numpy(x2)[None]}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

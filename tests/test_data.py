@@ -9,11 +9,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from gvsl.runtime import GvslInputError
-from gvsl.runtime.preprocess import PreprocessConfig, load_volume, preprocess
 
 import gvsl.data as gdata
 from gvsl.data import PairDataset, VolumeCache, list_volumes, make_batch, scan_volumes
+from gvsl.runtime import GvslInputError
+from gvsl.runtime.preprocess import PreprocessConfig, load_volume, preprocess
 
 CFG = PreprocessConfig(spacing=(4.0, 4.0, 4.0), modality="mr")
 
@@ -154,6 +154,27 @@ def test_pairs_come_from_different_volumes_with_patch_shape():
     assert item["x1"].shape == (1, 32, 32, 16) and item["x2"].dtype == torch.float32
 
 
+def test_pairs_are_cropped_at_the_same_relative_position():
+    """Both crops hold corresponding anatomy: every voxel stores its relative
+    position along axis 0 (x100), so the two crops' centre values must agree
+    wherever neither crop was pushed back inside at a border."""
+
+    def rel_pos(shape):
+        return np.broadcast_to(np.linspace(0, 100, shape[0])[:, None, None], shape).astype(np.float32)
+
+    ds = PairDataset([rel_pos((200, 48, 48)), rel_pos((120, 48, 48))], 32, seed=3)
+    centres, checked = [], 0
+    for _ in range(40):
+        pair = ds.sample()
+        a, b = pair["x1"][0, 16, 0, 0].item(), pair["x2"][0, 16, 0, 0].item()
+        centres.append(a)
+        if 20 < a < 80 and 20 < b < 80:  # away from the borders of both volumes
+            checked += 1
+            assert abs(a - b) < 2.0, (a, b)
+    assert checked >= 10
+    assert np.std(centres) > 10  # the position itself is random
+
+
 def test_single_volume_pairs_with_itself():
     ds = PairDataset(_labelled(1), 16, seed=0)
     assert _ids(next(iter(ds))) == (1, 1)
@@ -193,7 +214,7 @@ def test_ranks_shard_first_volume():
         assert all(b != rank + 1 for _, b in pairs)
     # more ranks than volumes: every rank sees all volumes, with its own stream
     streams = [
-        [_ids(p) for p, _ in zip(PairDataset(vols, 16, rank=r, world_size=4), range(20))]
+        [_ids(p) for p, _ in zip(PairDataset(vols, 16, rank=r, world_size=4), range(20), strict=False)]
         for r in range(4)
     ]
     assert len({tuple(s) for s in streams}) == 4

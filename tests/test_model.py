@@ -76,6 +76,8 @@ def test_config_validation_and_round_trip():
         ModelConfig(widths=(12, 16, 16, 32, 32, 32, 16, 16, 8))
     assert ModelConfig.from_json(TINY.to_json()) == TINY
     assert ModelConfig.from_preset("8,16,16,32,32,32,16,16,8").widths == TINY.widths
+    assert (TINY.affine_width, TINY.deform_width, TINY.restore_width) == (32, 8, 8)
+    assert ModelConfig.from_preset("default") == ModelConfig()
 
 
 def test_box_sum_equals_ones_convolution():

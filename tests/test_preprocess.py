@@ -13,6 +13,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
+
 from gvsl.runtime import GvslInputError
 from gvsl.runtime.preprocess import (
     PreprocessConfig,
@@ -29,7 +31,6 @@ from gvsl.runtime.preprocess import (
     volume_from_array,
     voxel_sizes,
 )
-from scipy import ndimage
 
 # ------------------------------------------------------------------ config
 
@@ -289,7 +290,7 @@ def test_resample_shape_affine_and_linear_ramp(target):
     aff = _oblique_affine(old_sp)
     out = resample(Volume(ramp, aff), target)
 
-    expect_shape = tuple(max(1, round(n * o / t)) for n, o, t in zip(shape, old_sp, target))
+    expect_shape = tuple(max(1, round(n * o / t)) for n, o, t in zip(shape, old_sp, target, strict=False))
     assert out.data.shape == expect_shape
     np.testing.assert_allclose(voxel_sizes(out.affine), target)
     np.testing.assert_allclose(out.affine[:3, 3], aff[:3, 3])  # voxel (0,0,0) stays put

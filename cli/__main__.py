@@ -1,0 +1,3 @@
+from gvsl.cli.main import app
+
+app(prog_name="gvsl")

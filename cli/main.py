@@ -1,0 +1,14 @@
+"""Entry point of the ``gvsl`` command: imports every command module onto the app.
+
+``python -m gvsl.cli.main`` works too (torchrun uses it).
+"""
+
+from gvsl.cli import (
+    train_cmd,  # noqa: F401  (registers `gvsl train`)
+)
+from gvsl.cli.app import app
+
+__all__ = ["app"]
+
+if __name__ == "__main__":
+    app()

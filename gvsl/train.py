@@ -1,0 +1,461 @@
+"""The GVSL pre-training loop behind ``gvsl train``.
+
+One process or many (``torchrun`` -> DistributedDataParallel, one rank per GPU
+or gloo on CPU). Each iteration: draw pairs of different volumes, augment them
+on the device (same spatial draw for x1 and x2, Models Genesis damage on x1),
+run GVSL with the damaged x1 as A and x2 as B, and minimise
+``NCC(warped B, x1) + MSE(restored, x1) + smooth(psi^l)``.
+
+Checkpoints (``RUN/checkpoints/last.pt``) hold model, optimiser, step, the
+configuration and every random state (torch, augmentation generator, each
+rank's data stream), written atomically, so ``--resume`` continues the very
+same run. They are read back with ``torch.load(weights_only=True)``. The final
+model is ``RUN/model/model.safetensors`` + ``model.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gvsl import __version__
+from gvsl.augment import AugmentConfig, Augmenter
+from gvsl.config import SIZE_MULTIPLE, LossWeights, ModelConfig
+from gvsl.data import PairDataset, VolumeCache, list_volumes, make_batch, scan_volumes
+from gvsl.io import atomic_write, save_model
+from gvsl.losses import GVSLLoss
+from gvsl.model import GVSL
+from gvsl.runtime.errors import GvslInputError
+from gvsl.runtime.preprocess import PreprocessConfig
+
+__all__ = ["TrainConfig", "TrainResult", "train", "resolve_device"]
+
+METRIC_FIELDS = ["step", "total", "ncc", "mse", "smooth", "lr", "it_per_s", "elapsed_s"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; saved in every checkpoint and in ``RUN/config.json``."""
+
+    data: list[str]
+    out: str
+    iterations: int = 1000
+    batch_size: int = 1
+    patch_size: tuple[int, int, int] = (64, 64, 64)
+    widths: list[int] = field(default_factory=lambda: list(ModelConfig().widths))
+    affine_width: int = 256
+    deform_width: int = 16
+    restore_width: int = 16
+    lr: float = 1e-4
+    loss: dict[str, float] = field(default_factory=lambda: LossWeights().to_dict())
+    checkpoint_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    preprocess: dict[str, Any] = field(default_factory=lambda: PreprocessConfig().to_dict())
+    augment: dict[str, Any] = field(default_factory=lambda: AugmentConfig().to_dict())
+    skip_bad: bool = False
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
+        if len(self.patch_size) != 3 or any(p <= 0 or p % SIZE_MULTIPLE for p in self.patch_size):
+            raise ValueError(
+                f"patch size must be three positive multiples of {SIZE_MULTIPLE}, got {self.patch_size}"
+            )
+        for name in ("iterations", "batch_size", "checkpoint_every", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"learning rate must be positive, got {self.lr}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        self.model_config()  # validates widths
+        PreprocessConfig.from_dict(self.preprocess)
+        AugmentConfig.from_dict(self.augment)
+        LossWeights(**self.loss)
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(
+            widths=tuple(self.widths),
+            affine_width=self.affine_width,
+            deform_width=self.deform_width,
+            restore_width=self.restore_width,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        return cls(**d)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    interrupted: bool
+    model_dir: Path | None
+    last_metrics: dict[str, float]
+    bad_files: list[tuple[str, str]]
+
+
+# ----------------------------------------------------------------------------- helpers
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> the local rank's GPU when CUDA exists, else CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise GvslInputError("--device cuda: no CUDA GPU is visible to torch; use --device cpu")
+        if name == "cuda":
+            name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return torch.device(name)
+
+
+class _Distributed:
+    """Rank/world bookkeeping; a no-op outside ``torchrun``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.enabled = self.world > 1
+        if self.enabled and not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group(backend=backend)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def gather(self, obj: Any) -> list[Any]:
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank (Ctrl-C on one rank stops all)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _checkpoint_path(out: Path) -> Path:
+    return out / "checkpoints" / "last.pt"
+
+
+def _rng_to_json(state: dict[str, Any]) -> str:
+    # numpy's bit-generator state holds ints beyond 64 bits: JSON keeps them exact
+    # and weights_only loading accepts plain strings.
+    return json.dumps(state)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and stops between steps."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.set:  # second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# ----------------------------------------------------------------------------- the loop
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    scan_progress: Callable[[int, int, str], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Run (or continue) GVSL pre-training as ``cfg`` says.
+
+    ``progress(step, total, metrics)`` is called after every step on rank 0;
+    ``log`` receives one-line notices. Raises GvslInputError for bad data or
+    options (the CLI prints it as one line).
+    """
+    out = Path(cfg.out)
+    ckpt_path = _checkpoint_path(out)
+    state: dict[str, Any] | None = None
+    if resume:
+        if not ckpt_path.is_file():
+            raise GvslInputError(f"{ckpt_path}: no checkpoint to resume; start without --resume")
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        saved = TrainConfig.from_dict(json.loads(state["config"]))
+        # the run's identity comes from the checkpoint; only the length may change
+        saved.iterations = max(cfg.iterations, int(state["step"]))
+        cfg = saved
+    elif ckpt_path.is_file():
+        raise GvslInputError(f"{out}: already holds a run; pass --resume to continue it or pick another --out")
+
+    device = resolve_device(cfg.device)
+    ddp = _Distributed(device)
+    try:
+        return _train(cfg, state, device, ddp, out, progress, scan_progress, log)
+    finally:
+        ddp.close()
+
+
+def _train(
+    cfg: TrainConfig,
+    state: dict[str, Any] | None,
+    device: torch.device,
+    ddp: _Distributed,
+    out: Path,
+    progress: Callable[[int, int, dict[str, float]], None] | None,
+    scan_progress: Callable[[int, int, str], None] | None,
+    log: Callable[[str], None],
+) -> TrainResult:
+    pre = PreprocessConfig.from_dict(cfg.preprocess)
+    files = list_volumes(cfg.data)
+    cache = VolumeCache(Path(cfg.cache_dir) if cfg.cache_dir else out / "cache")
+    # rank 0 fills the cache first so other ranks only read it
+    if ddp.main:
+        good, bad = scan_volumes(files, pre, cache, skip_bad=cfg.skip_bad, progress=scan_progress)
+    ddp.barrier()
+    if not ddp.main:
+        good, bad = scan_volumes(files, pre, cache, skip_bad=cfg.skip_bad)
+    good, too_small = _check_sizes(good, pre, cache, cfg.patch_size, cfg.skip_bad)
+    bad = list(bad) + too_small
+    if not good:
+        raise GvslInputError(f"{', '.join(cfg.data)}: no usable volume left (all {len(bad)} were bad)")
+    if ddp.main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg.to_dict(), indent=2)))
+        for path, why in bad:
+            log(f"skipped {path}: {why}")
+
+    torch.manual_seed(cfg.seed)
+    model = GVSL(cfg.model_config()).to(device)
+    optim = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    amp_dtype = _amp_dtype(device, cfg.amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    dataset = PairDataset.from_cache(
+        good, pre, cache, cfg.patch_size, seed=cfg.seed, rank=ddp.rank, world_size=ddp.world
+    )
+    aug_gen = torch.Generator(device=device)
+    aug_gen.manual_seed(cfg.seed * 1000 + ddp.rank)
+    step = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optim.load_state_dict(state["optimizer"])
+        if "scaler" in state and scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
+        step = int(state["step"])
+        ranks = json.loads(state["rng"])
+        if len(ranks) != ddp.world:
+            raise GvslInputError(
+                f"{_checkpoint_path(out)}: saved with {len(ranks)} process(es); resume with the same number"
+            )
+        mine = ranks[ddp.rank]
+        dataset.load_state_dict(mine["data"])
+        torch.set_rng_state(torch.tensor(mine["torch"], dtype=torch.uint8))
+        aug_gen.set_state(torch.tensor(mine["aug"], dtype=torch.uint8))
+        if ddp.main:
+            log(f"resumed {out} at step {step}")
+
+    net: torch.nn.Module = model
+    if ddp.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    criterion = GVSLLoss(LossWeights(**cfg.loss))
+    augmenter = Augmenter(AugmentConfig.from_dict(cfg.augment))
+    batches = _batches(iter(dataset), cfg.batch_size, device)
+    metrics_path = out / "metrics.csv"
+    if ddp.main:
+        _truncate_metrics(metrics_path, step)
+    writer = _tensorboard(out) if ddp.main else None
+
+    def save_checkpoint() -> None:
+        ranks = ddp.gather(
+            {
+                "data": dataset.state_dict(),
+                "torch": torch.get_rng_state().tolist(),
+                "aug": aug_gen.get_state().tolist(),
+            }
+        )
+        if not ddp.main:
+            return
+        payload = {
+            "model": model.state_dict(),
+            "optimizer": optim.state_dict(),
+            "step": step,
+            "config": json.dumps(cfg.to_dict()),
+            "rng": _rng_to_json(ranks),
+            "gvsl_version": __version__,
+        }
+        if scaler.is_enabled():
+            payload["scaler"] = scaler.state_dict()
+        atomic_write(_checkpoint_path(out), lambda p: torch.save(payload, p))
+
+    last: dict[str, float] = {}
+    interrupted = False
+    t0 = time.perf_counter()
+    window_t, window_n = t0, 0
+    model.train()
+    with _StopFlag() as stop:
+        while step < cfg.iterations:
+            if ddp.any(stop.set):
+                interrupted = True
+                break
+            x1, x2 = next(batches)
+            with torch.no_grad():
+                x1a, x1d, x2a = augmenter(x1, x2, aug_gen)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                o = net(x1d, x2a)
+                terms = criterion(x1a, o.warped, o.restored, o.local_dvf)
+            optim.zero_grad(set_to_none=True)
+            scaler.scale(terms.total).backward()
+            scaler.step(optim)
+            scaler.update()
+            step += 1
+            window_n += 1
+            if not math.isfinite(float(terms.total.detach())):
+                save_checkpoint()
+                raise GvslInputError(
+                    f"{out}: loss became {float(terms.total)} at step {step}; lower --lr or check the data"
+                )
+            if ddp.main and (step % cfg.log_every == 0 or step == cfg.iterations or step == 1):
+                now = time.perf_counter()
+                last = {**terms.as_floats(), "lr": optim.param_groups[0]["lr"]}
+                last["it_per_s"] = window_n / max(now - window_t, 1e-9)
+                last["elapsed_s"] = now - t0
+                window_t, window_n = now, 0
+                _append_metrics(metrics_path, step, last)
+                if writer is not None:
+                    for k, v in last.items():
+                        writer.add_scalar(f"train/{k}", v, step)
+            if ddp.main and progress is not None:
+                progress(step, cfg.iterations, last or terms.as_floats())
+            if step % cfg.checkpoint_every == 0 and step < cfg.iterations:
+                save_checkpoint()
+    save_checkpoint()
+    model_dir = None
+    if ddp.main:
+        if writer is not None:
+            writer.close()
+        if not interrupted:
+            model_dir = save_model(
+                model,
+                out / "model",
+                preprocess=pre.to_dict(),
+                extra={
+                    "patch_size": list(cfg.patch_size),
+                    "train": {"steps": step, "data": [str(p) for p in good], "final": last},
+                },
+            )
+    return TrainResult(step, interrupted, model_dir, last, [(str(p), w) for p, w in bad])
+
+
+def _amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """bf16 autocast on GPUs that have it, fp16 (+ loss scaling) on older ones; fp32 on CPU."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _check_sizes(
+    files: list[Path], pre: PreprocessConfig, cache: VolumeCache, patch: tuple[int, ...], skip_bad: bool
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Volumes smaller than the patch are zero-padded, but one smaller than half
+    the patch along an axis would be mostly padding: refuse it by name."""
+    good, bad = [], []
+    for f in files:
+        shape = cache.get(f, pre).shape
+        if any(s * 2 < p for s, p in zip(shape, patch, strict=True)):
+            why = (
+                f"volume is {'x'.join(map(str, shape))} after preprocessing, under half the patch "
+                f"{'x'.join(map(str, patch))}; lower --patch-size or use a finer --spacing"
+            )
+            if not skip_bad:
+                raise GvslInputError(f"{f}: {why}")
+            bad.append((f, why))
+        else:
+            good.append(f)
+    return good, bad
+
+
+def _batches(
+    it: Iterator[dict[str, torch.Tensor]], batch: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    while True:
+        b = make_batch(it, batch)
+        yield b["x1"].to(device, non_blocking=True), b["x2"].to(device, non_blocking=True)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume drop rows logged after the checkpoint, so the CSV tells one story."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+
+    def write(p: str) -> None:
+        with open(p, "w", newline="") as f:
+            w = csv.DictWriter(f, METRIC_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(path, write)
+
+
+def _append_metrics(path: Path, step: int, m: dict[str, float]) -> None:
+    new = not path.is_file()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, METRIC_FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow({"step": step, **{k: f"{m[k]:.6g}" for k in METRIC_FIELDS[1:]}})
+
+
+def _tensorboard(out: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is an optional extra
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
