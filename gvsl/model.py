@@ -171,18 +171,29 @@ class GVSL(nn.Module):
         return affine_from_params(rot, scl, self.fc_trans(h), shear)
 
     def deform_head(
-        self, fl_moving: torch.Tensor, fl_fixed: torch.Tensor, affine: torch.Tensor
+        self,
+        fl_moving: torch.Tensor,
+        fl_fixed: torch.Tensor,
+        affine: torch.Tensor,
+        sampler: str = "grid_sample",
     ) -> torch.Tensor:
-        """Local DVF psi^l (voxels) from affinely aligned local features."""
-        aligned = affine_warp(fl_moving, affine)
+        """Local DVF psi^l (voxels) from affinely aligned local features.
+
+        ``sampler`` (see :data:`gvsl.spatial.SAMPLERS`) only changes how the
+        warp is computed: ``"gather"`` makes the graph TensorRT-buildable.
+        """
+        aligned = affine_warp(fl_moving, affine, sampler=sampler)
         return self.out_flow(self.sp_conv(torch.cat([aligned, fl_fixed], dim=1)))
 
     def match(
-        self, fixed_feats: tuple[torch.Tensor, torch.Tensor], moving_feats: tuple[torch.Tensor, torch.Tensor]
+        self,
+        fixed_feats: tuple[torch.Tensor, torch.Tensor],
+        moving_feats: tuple[torch.Tensor, torch.Tensor],
+        sampler: str = "grid_sample",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Z-matching head: (affine ``[N,3,4]``, local DVF ``[N,3,D,H,W]``)."""
         affine = self.affine_head(moving_feats[0], fixed_feats[0])
-        return affine, self.deform_head(moving_feats[1], fixed_feats[1], affine)
+        return affine, self.deform_head(moving_feats[1], fixed_feats[1], affine, sampler=sampler)
 
     # -- whole passes ------------------------------------------------------
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> GVSLOutput:
@@ -196,9 +207,9 @@ class GVSL(nn.Module):
         return GVSLOutput(self.restore(fa[1]), warped, affine, local)
 
     def register(
-        self, fixed: torch.Tensor, moving: torch.Tensor
+        self, fixed: torch.Tensor, moving: torch.Tensor, sampler: str = "grid_sample"
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Inference registration: (affine, fused DVF in voxels, moving warped once by it)."""
-        affine, local = self.match(self.encode(fixed), self.encode(moving))
+        affine, local = self.match(self.encode(fixed), self.encode(moving), sampler=sampler)
         fused = compose_affine_dvf(affine, local)
-        return affine, fused, dvf_warp(moving, fused)
+        return affine, fused, dvf_warp(moving, fused, sampler=sampler)

@@ -2,8 +2,15 @@
 
 The one module every part of gvsl warps with (model heads, augmentation,
 export). Everything reduces to a single primitive, :func:`sample`, which reads
-a volume at voxel positions; a later exporter can swap that primitive for a
-TensorRT-friendly gather without touching the maths around it.
+a volume at voxel positions with one of two interchangeable samplers:
+``"grid_sample"`` (PyTorch's kernel, the default) or ``"gather"`` (8-neighbour
+gathers, the same numbers; TensorRT has no 5-D GridSample, so exported
+registration graphs use this one).
+
+Every function here is export-friendly: while ``torch.onnx.export`` traces,
+spatial sizes arrive as 0-d tensors and are kept as tensors, so the graph
+accepts any (multiple-of-16) size; in eager mode they are plain ints and the
+arithmetic is exactly the historical one.
 
 Conventions (see GVSL_SPEC.md §3):
 
@@ -43,6 +50,7 @@ __all__ = [
     "dvf_warp",
     "identity_grid",
     "sample",
+    "SAMPLERS",
     "voxel_affine_locations",
     "voxel_spacing",
     "ROT_RANGE",
@@ -56,12 +64,29 @@ ROT_RANGE = math.pi / 9
 SCALE_RANGE = 0.25
 SHEAR_RANGE = math.pi / 18
 
+#: The interchangeable implementations of :func:`sample`.
+SAMPLERS = ("grid_sample", "gather")
+
+
+def _traced(shape: Sequence[object]) -> bool:
+    """True while ``torch.onnx.export`` traces: sizes are 0-d tensors, not ints."""
+    return any(isinstance(n, torch.Tensor) for n in shape)
+
+
+def _size_vector(shape: Sequence[object], dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
+    """Spatial sizes ``(D, H, W)`` as a float vector that stays dynamic under tracing."""
+    if _traced(shape):
+        sizes = [n if isinstance(n, torch.Tensor) else torch.tensor(n) for n in shape]
+        return torch.stack([n.to(dtype) for n in sizes]).to(device)
+    return torch.tensor([float(n) for n in shape], dtype=dtype, device=device)
+
 
 def identity_grid(
     shape: Sequence[int], device: torch.device | None = None, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Voxel indices of a ``(D, H, W)`` grid as ``[1, 3, D, H, W]``."""
-    axes = [torch.arange(int(n), device=device, dtype=dtype) for n in shape]
+    # integer Range then Cast: TensorRT's parser has long restricted float Range
+    axes = [torch.arange(n if isinstance(n, torch.Tensor) else int(n), device=device).to(dtype) for n in shape]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
 
 
@@ -70,22 +95,78 @@ def sample(
     locs: torch.Tensor,
     mode: str = "bilinear",
     align_corners: bool = True,
+    sampler: str = "grid_sample",
 ) -> torch.Tensor:
     """Read ``src [N, C, D, H, W]`` at voxel positions ``locs [N, 3, d, h, w]``.
 
     Trilinear (``mode="bilinear"``) or ``"nearest"``; outside the volume reads
     zero. ``align_corners=False`` applies the official DVF normalisation with
     ``grid_sample``'s default, for parity with the authors' warped output.
+    ``sampler`` picks the implementation (:data:`SAMPLERS`); both give the
+    same result up to float rounding.
     """
+    if sampler == "gather":
+        return _gather_sample(src, locs, mode, align_corners)
+    if sampler != "grid_sample":
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     shape = src.shape[2:]
-    scale = torch.tensor(
-        [2.0 / max(int(n) - 1, 1) for n in shape], device=locs.device, dtype=locs.dtype
-    ).view(1, 3, 1, 1, 1)
+    if _traced(shape):
+        scale = (2.0 / (_size_vector(shape, locs.dtype, locs.device) - 1.0).clamp(min=1.0)).view(1, 3, 1, 1, 1)
+    else:
+        scale = torch.tensor(
+            [2.0 / max(int(n) - 1, 1) for n in shape], device=locs.device, dtype=locs.dtype
+        ).view(1, 3, 1, 1, 1)
     norm = locs * scale - 1.0
     grid = norm.permute(0, 2, 3, 4, 1).flip(-1)  # (d, h, w) -> grid_sample's (x, y, z)
     if grid.shape[0] != src.shape[0]:
         grid = grid.expand(src.shape[0], *grid.shape[1:])
     return F.grid_sample(src, grid, mode=mode, padding_mode="zeros", align_corners=align_corners)
+
+
+def _gather_sample(src: torch.Tensor, locs: torch.Tensor, mode: str, align_corners: bool) -> torch.Tensor:
+    """:func:`sample` from elementwise ops and 8 ``gather`` calls (ONNX GatherElements).
+
+    Same semantics as ``grid_sample`` with zero padding: each of the 8
+    neighbours (1 for nearest) outside the volume contributes zero. Index
+    arithmetic clamps in float (TensorRT has no integer Clip) and forms the
+    flat index in int64, exact for any volume size.
+    """
+    if mode not in ("bilinear", "nearest"):
+        raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}")
+    n, c = src.shape[0], src.shape[1]
+    shape = src.shape[2:]
+    size = _size_vector(shape, locs.dtype, locs.device).view(1, 3, 1)
+    pts = locs.reshape(locs.shape[0], 3, -1)  # [N|1, 3, P]
+    if not align_corners:  # grid_sample(align_corners=False) of the align-corners normalisation
+        pts = pts * (size / (size - 1.0).clamp(min=1.0)) - 0.5
+    if pts.shape[0] != n:
+        pts = pts.expand(n, 3, pts.shape[2])
+    flat = src.reshape(n, c, -1)  # [N, C, V]
+    hi = size - 1.0
+    h, w = shape[1], shape[2]
+    if mode == "nearest":
+        base, frac = torch.round(pts), None
+        corners: tuple[tuple[int, int, int], ...] = ((0, 0, 0),)
+    else:
+        base = torch.floor(pts)
+        frac = pts - base
+        corners = tuple((a, b, e) for a in (0, 1) for b in (0, 1) for e in (0, 1))
+    out = None
+    for corner in corners:
+        offset = torch.tensor(corner, dtype=pts.dtype, device=pts.device).view(1, 3, 1)
+        idx = base + offset  # [N, 3, P] neighbour indices (float, integral)
+        ok = (idx >= 0.0) & (idx <= hi)
+        weight = (ok[:, 0] & ok[:, 1] & ok[:, 2]).to(src.dtype)  # zero padding, [N, P]
+        if frac is not None:
+            for axis, step in enumerate(corner):
+                weight = weight * (frac[:, axis] if step else 1.0 - frac[:, axis])
+        ci = torch.minimum(idx.clamp(min=0.0), hi).to(torch.int64)
+        lin = (ci[:, 0] * h + ci[:, 1]) * w + ci[:, 2]  # [N, P] flat index into D*H*W
+        vals = torch.gather(flat, 2, lin.unsqueeze(1).expand(n, c, lin.shape[1]))
+        term = vals * weight.unsqueeze(1)
+        out = term if out is None else out + term
+    assert out is not None
+    return out.reshape(n, c, *locs.shape[2:])
 
 
 def affine_from_params(
@@ -109,7 +190,8 @@ def affine_from_params(
     rx = mat((one, zero, zero), (zero, cx, -sx), (zero, sx, cx))
     ry = mat((cy, zero, sy), (zero, one, zero), (-sy, zero, cy))
     rz = mat((cz, -sz, zero), (sz, cz, zero), (zero, zero, one))
-    sc = torch.diag_embed(scale)
+    s0, s1, s2 = scale.unbind(1)
+    sc = mat((s0, zero, zero), (zero, s1, zero), (zero, zero, s2))  # diag_embed has no ONNX export
     t = torch.tan(shear)
     sh = mat((one, t[:, 0], t[:, 1]), (t[:, 2], one, t[:, 3]), (t[:, 4], t[:, 5], one))
     m = sh @ sc @ rz @ ry @ rx
@@ -124,12 +206,17 @@ def affine_to_voxel(mat: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     normalised ``(2 w + 1) / W - 1``; the official translation of row ``i`` is
     divided by ``shape[i]`` (D, H, W order) before ``affine_grid``.
     """
-    d, h, w = (float(n) for n in shape)
     dt, dev = mat.dtype, mat.device
     lin, t = mat[:, :, :3], mat[:, :, 3]
-    t = t / torch.tensor([d, h, w], dtype=dt, device=dev)  # the size quirk
-    # normalised (x, y, z) = S * (w, h, d) + c; flip converts between orders.
-    s = torch.tensor([2.0 / w, 2.0 / h, 2.0 / d], dtype=dt, device=dev)
+    if _traced(shape):  # keep the sizes in the graph (dynamic spatial export)
+        dhw = _size_vector(shape, dt, dev)
+        t = t / dhw  # the size quirk
+        s = 2.0 / dhw.flip(0)
+    else:
+        d, h, w = (float(n) for n in shape)
+        t = t / torch.tensor([d, h, w], dtype=dt, device=dev)  # the size quirk
+        # normalised (x, y, z) = S * (w, h, d) + c; flip converts between orders.
+        s = torch.tensor([2.0 / w, 2.0 / h, 2.0 / d], dtype=dt, device=dev)
     c = s / 2.0 - 1.0
     # voxel-space linear part: P^T S^-1 A S P, with P the axis reversal.
     a_xyz = lin * s.view(1, 1, 3) / s.view(1, 3, 1)
@@ -146,18 +233,24 @@ def voxel_affine_locations(vox_mat: torch.Tensor, shape: Sequence[int]) -> torch
     return locs.view(vox_mat.shape[0], 3, *shape)
 
 
-def affine_warp(src: torch.Tensor, mat: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+def affine_warp(
+    src: torch.Tensor, mat: torch.Tensor, mode: str = "bilinear", sampler: str = "grid_sample"
+) -> torch.Tensor:
     """Warp ``src`` with an official-convention affine ``[N, 3, 4]`` (the affine head)."""
     shape = src.shape[2:]
-    return sample(src, voxel_affine_locations(affine_to_voxel(mat, shape), shape), mode=mode)
+    return sample(src, voxel_affine_locations(affine_to_voxel(mat, shape), shape), mode=mode, sampler=sampler)
 
 
 def dvf_warp(
-    src: torch.Tensor, dvf: torch.Tensor, mode: str = "bilinear", align_corners: bool = True
+    src: torch.Tensor,
+    dvf: torch.Tensor,
+    mode: str = "bilinear",
+    align_corners: bool = True,
+    sampler: str = "grid_sample",
 ) -> torch.Tensor:
     """Warp ``src`` by a displacement field in voxels: ``out(p) = src(p + dvf(p))``."""
     grid = identity_grid(dvf.shape[2:], dvf.device, dvf.dtype)
-    return sample(src, grid + dvf, mode=mode, align_corners=align_corners)
+    return sample(src, grid + dvf, mode=mode, align_corners=align_corners, sampler=sampler)
 
 
 def compose_affine_dvf(mat: torch.Tensor, dvf: torch.Tensor) -> torch.Tensor:

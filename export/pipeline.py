@@ -1,0 +1,351 @@
+"""``gvsl export`` end to end: source -> ONNX (+ engines) -> verification -> manifest (+ Triton repo).
+
+Everything is built in a temporary folder beside ``--out`` and renamed into
+place only when every artifact has been written and verified, so a failure
+(bad option, parity failure, TensorRT error, Ctrl-C) leaves nothing half
+written. Options are checked before any slow work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gvsl.config import SIZE_MULTIPLE
+from gvsl.export import onnx_export as OX
+from gvsl.export.errors import ExportError
+from gvsl.export.manifest import file_entry, new_manifest, write_manifest
+from gvsl.export.source import Source, load_source
+from gvsl.export.trt_check import check_tensorrt
+from gvsl.export.verify import DEFAULT_VERIFY_SHAPES, ParityResult, compare, raise_on_failure, reference, verify_onnx
+from gvsl.runtime import artifact as A
+
+FORMATS = ("onnx", "engine", "all")
+KINDS = (A.ENCODER, A.REGISTRATION)
+
+Progress = Callable[[str, int, int], None]  # (step label, steps done, steps total)
+Log = Callable[[str], None]
+
+
+@dataclass
+class ExportOptions:
+    """Everything ``gvsl export`` can be told (see the CLI's --help for each)."""
+
+    format: str = "onnx"
+    precisions: tuple[str, ...] = ("fp32",)
+    opset: int = OX.DEFAULT_OPSET
+    warp: str = "gather"
+    dense: bool = True
+    verify: bool = True
+    verify_shapes: tuple[tuple[int, int, int, int], ...] = DEFAULT_VERIFY_SHAPES
+    verify_data: tuple[str, ...] = ()
+    simplify: bool = True
+    widths: str | None = None
+    # TensorRT
+    min_shapes: tuple[str, ...] = ()
+    opt_shapes: tuple[str, ...] = ()
+    max_shapes: tuple[str, ...] = ()
+    workspace_gib: float = 4.0
+    timing_cache: str | None = None
+    # Triton
+    triton_repo: str | None = None
+    triton_backend: str = "auto"
+    triton_max_batch: int = 4
+    force: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def manifest_view(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("extra")
+        d["verify_shapes"] = [list(s) for s in self.verify_shapes]
+        return d
+
+
+def onnx_name(kind: str, precision: str) -> str:
+    """``encoder.onnx`` / ``registration.fp16.onnx``."""
+    return f"{kind}.onnx" if precision == "fp32" else f"{kind}.{precision}.onnx"
+
+
+def _check_options(opt: ExportOptions, out: Path) -> dict[str, Any]:
+    """Validate everything cheap before any export work; returns derived settings."""
+    if opt.format not in FORMATS:
+        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {opt.format!r}")
+    if not opt.precisions:
+        raise ExportError("--precision: give at least one of fp32, fp16, bf16")
+    for p in opt.precisions:
+        if p not in OX.ALL_PRECISIONS:
+            raise ExportError(f"--precision {p!r}: choose from {', '.join(OX.ALL_PRECISIONS)}")
+    want_onnx = opt.format in ("onnx", "all")
+    want_engine = opt.format in ("engine", "all")
+    if want_onnx and not want_engine and "bf16" in opt.precisions:
+        raise ExportError(
+            "--precision bf16 is for TensorRT engines only (ONNX has no bf16 InstanceNormalization and ONNX "
+            "Runtime CPU cannot run it); use --format engine or all, or --precision fp16"
+        )
+    OX.check_opset(opt.opset, opt.warp)
+    if want_engine and opt.warp != "gather":
+        raise ExportError(
+            "--warp grid_sample cannot build in TensorRT (its GridSample is 2-D only); use --warp gather for engines"
+        )
+    for shp in opt.verify_shapes:
+        if len(shp) != 4 or shp[0] < 1 or any(s <= 0 or s % SIZE_MULTIPLE for s in shp[1:]):
+            raise ExportError(f"--verify-shape {shp}: give N,D,H,W with D, H, W positive multiples of {SIZE_MULTIPLE}")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not opt.force:
+        raise ExportError(f"{out}: folder exists and is not empty; choose a new --out or pass --force to replace it")
+    derived: dict[str, Any] = {"want_onnx": want_onnx, "want_engine": want_engine}
+    if opt.triton_repo:
+        repo = Path(opt.triton_repo)
+        if repo.resolve() == out.resolve() or out.resolve() in repo.resolve().parents:
+            raise ExportError(f"--triton-repo {repo}: must be outside --out {out}")
+        if repo.is_dir() and any(repo.iterdir()) and not opt.force:
+            raise ExportError(f"{repo}: Triton repository exists and is not empty; choose another or pass --force")
+        backend = opt.triton_backend
+        if backend == "auto":
+            backend = "tensorrt" if want_engine else "onnxruntime"
+        if backend not in ("onnxruntime", "tensorrt"):
+            raise ExportError(f"--triton-backend must be auto, onnxruntime or tensorrt, got {opt.triton_backend!r}")
+        if backend == "tensorrt" and not want_engine:
+            raise ExportError("--triton-backend tensorrt needs engines: add --format engine or all")
+        if backend == "onnxruntime" and not want_onnx:
+            raise ExportError("--triton-backend onnxruntime needs ONNX files: use --format onnx or all")
+        derived["triton_backend"] = backend
+    if want_engine and (opt.min_shapes or opt.opt_shapes or opt.max_shapes):
+        from gvsl.export.tensorrt_build import make_profiles
+
+        make_profiles(opt.min_shapes, opt.opt_shapes, opt.max_shapes, (16, 16, 16))  # validate before TensorRT
+    return derived
+
+
+def _load_volumes(paths: Sequence[str], source: Source) -> list[tuple[str, Any]]:
+    from gvsl.runtime.preprocess import load_volume, preprocess
+
+    return [(Path(p).name, preprocess(load_volume(p), source.preprocess).data) for p in paths]
+
+
+def run_export(
+    source_path: str | Path,
+    out: str | Path,
+    opt: ExportOptions | None = None,
+    *,
+    progress: Progress | None = None,
+    log: Log | None = None,
+) -> dict[str, Any]:
+    """Export ``source_path`` into ``out``; returns the manifest. Raises :class:`ExportError`."""
+    opt = opt or ExportOptions()
+    out = Path(out)
+    say = log or (lambda s: None)
+    derived = _check_options(opt, out)
+    want_onnx, want_engine = derived["want_onnx"], derived["want_engine"]
+
+    trt_info: dict[str, Any] = {}
+    profiles: list[Any] = []
+    if want_engine:  # fail fast, before minutes of export work
+        from gvsl.export import tensorrt_build as TB
+
+        trt = TB.require_tensorrt()
+        trt_info = {"tensorrt_version": str(trt.__version__), **TB.gpu_target()}
+
+    source = load_source(source_path, opt.widths)
+    if want_engine:
+        profiles = TB.make_profiles(opt.min_shapes, opt.opt_shapes, opt.max_shapes, source.patch_size)
+    if source.patch_size_from == "default":
+        say(f"note: {source.path} records no training patch size; metadata says {list(source.patch_size)} (default)")
+    volumes = _load_volumes(opt.verify_data, source) if opt.verify_data and opt.verify else []
+
+    onnx_precisions = [p for p in opt.precisions if p in OX.ONNX_PRECISIONS] if want_onnx else []
+    engine_precisions = list(opt.precisions) if want_engine else []
+    build_precisions = sorted(
+        set(onnx_precisions) | {("fp16" if p == "fp16" else "fp32") for p in engine_precisions},
+        key=OX.ALL_PRECISIONS.index,
+    )
+    total = len(KINDS) * (len(build_precisions) + len(engine_precisions)) + 1 + bool(opt.triton_repo)
+    done = 0
+
+    def step(label: str) -> None:
+        nonlocal done
+        if progress:
+            progress(label, done, total)
+        done += 1
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    triton_tmp: Path | None = None
+    try:
+        build_dir = tmp if want_onnx else tmp / ".onnx-build"
+        build_dir.mkdir(exist_ok=True)
+        manifest = new_manifest(source, opt.manifest_view())
+        onnx_files: dict[tuple[str, str], Path] = {}
+        for prec in build_precisions:
+            for kind in KINDS:
+                step(f"export {onnx_name(kind, prec)}")
+                path = build_dir / onnx_name(kind, prec)
+                meta = OX.build_metadata(source, kind, prec, warp=opt.warp, dense=opt.dense)
+                OX.export_graph(
+                    source.model,
+                    kind,
+                    path,
+                    metadata=meta,
+                    precision=prec,
+                    opset=opt.opset,
+                    warp=opt.warp,
+                    dense=opt.dense,
+                    example_shape=(1, 1, 16, 16, 16),
+                    simplify=opt.simplify,
+                )
+                parity: list[ParityResult] = []
+                if opt.verify:
+                    parity = verify_onnx(
+                        path, source.model, kind, prec, dense=opt.dense, shapes=opt.verify_shapes, volumes=volumes
+                    )
+                    raise_on_failure(parity)
+                issues = check_tensorrt(path)
+                if want_engine and issues:
+                    raise ExportError(f"{path.name}: TensorRT's ONNX parser would reject it: {issues[0]}")
+                onnx_files[(kind, prec)] = path
+                if want_onnx and prec in onnx_precisions:
+                    manifest["artifacts"].append(
+                        file_entry(
+                            path,
+                            kind=kind,
+                            format="onnx",
+                            precision=prec,
+                            opset=opt.opset,
+                            **({"warp": opt.warp} if kind == A.REGISTRATION else {"dense": opt.dense}),
+                            **OX.graph_io(path),
+                            tensorrt_compatible=not issues,
+                            parity=[r.to_dict() for r in parity],
+                        )
+                    )
+        engine_files: dict[str, Path] = {}
+        for prec in engine_precisions:
+            for kind in KINDS:
+                name = TB.engine_name(kind, prec, trt_info["sm"], trt_info["tensorrt_version"])
+                step(f"build {name}")
+                src_onnx = onnx_files[(kind, "fp16" if prec == "fp16" else "fp32")]
+                cache = opt.timing_cache or TB.default_timing_cache(trt_info["sm"], trt_info["tensorrt_version"])
+                info = TB.build_engine(
+                    src_onnx,
+                    tmp / name,
+                    precision=prec,
+                    profiles=profiles,
+                    workspace_gib=opt.workspace_gib,
+                    timing_cache=cache,
+                    log=say,
+                )
+                parity = _verify_engine(tmp / name, source, kind, prec, opt, profiles) if opt.verify else []
+                raise_on_failure(parity)
+                engine_files[kind] = engine_files.get(kind, tmp / name)
+                manifest["artifacts"].append(
+                    file_entry(
+                        tmp / name,
+                        kind=kind,
+                        format="engine",
+                        precision=prec,
+                        gpu=trt_info["gpu"],
+                        compute_capability=trt_info["compute_capability"],
+                        built_from=src_onnx.name,
+                        built_from_sha256=file_entry(src_onnx)["sha256"],
+                        **info,
+                        parity=[r.to_dict() for r in parity],
+                    )
+                )
+        if not want_onnx:
+            shutil.rmtree(build_dir)
+        if opt.triton_repo:
+            step("write Triton repository")
+            from gvsl.export.triton import write_repo
+
+            repo = Path(opt.triton_repo)
+            repo.parent.mkdir(parents=True, exist_ok=True)
+            triton_tmp = Path(tempfile.mkdtemp(dir=repo.parent, prefix=f".{repo.name}.tmp-"))
+            backend = derived["triton_backend"]
+            if backend == "tensorrt":
+                models = engine_files
+            else:
+                first = onnx_precisions[0]
+                models = {k: onnx_files[(k, first)] for k in KINDS}
+            write_repo(triton_tmp, models, backend, source.config, dense=opt.dense, max_batch_size=opt.triton_max_batch)
+            manifest["triton"] = {
+                "repository": str(repo),
+                "backend": backend,
+                "models": {k: p.name for k, p in models.items()},
+            }
+        step("write manifest")
+        manifest = json.loads(json.dumps(manifest))  # what readers of manifest.json will see
+        write_manifest(tmp, manifest)
+        _commit(tmp, out)
+        tmp = None  # type: ignore[assignment]
+        if triton_tmp is not None:
+            _commit(triton_tmp, Path(opt.triton_repo))  # type: ignore[arg-type]
+            triton_tmp = None
+        if progress:
+            progress("done", total, total)
+        return manifest
+    finally:
+        for t in (tmp, triton_tmp):
+            if t is not None and Path(t).exists():
+                shutil.rmtree(t, ignore_errors=True)
+
+
+def _commit(tmp: Path, dest: Path) -> None:
+    """Move the finished folder into place; an existing ``dest`` (allowed by --force) is replaced.
+
+    Temporary files are created owner-only; the published tree gets the usual
+    umask-based permissions first.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [tmp, *tmp.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+        dest.rename(old)
+    try:
+        tmp.rename(dest)
+    except BaseException:
+        if old is not None:
+            old.rename(dest)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _verify_engine(
+    path: Path, source: Source, kind: str, precision: str, opt: ExportOptions, profiles: Sequence[Any]
+) -> list[ParityResult]:
+    """Run an engine on the GPU at each verify shape inside its profiles and compare with PyTorch."""
+    from gvsl.export.tensorrt_build import run_engine
+    from gvsl.export.verify import random_inputs
+
+    shapes = [
+        s
+        for s in opt.verify_shapes
+        if any(all(a <= x <= b for a, x, b in zip(p.min, s, p.max, strict=True)) for p in profiles)
+    ] or [p.min for p in profiles]  # no verify shape fits a profile: check at each profile's minimum
+    results = []
+    for i, shp in enumerate(shapes):
+        inputs = random_inputs(kind, shp, seed=i)
+        got = run_engine(path, inputs)
+        ref = reference(source.model, kind, inputs, opt.dense)
+        res = ParityResult(path.name, precision, "random", list(inputs[0].shape))
+        names = OX.io_names(kind, opt.dense)[1]
+        for name, r in zip(names, ref, strict=True):
+            g = got[name]
+            par, why = compare(name, g, r, "fp16" if precision == "bf16" else precision)
+            res.outputs[name] = par
+            if why and res.passed:
+                res.passed, res.failure = False, why
+        results.append(res)
+    return results
+
+
+__all__ = ["ExportOptions", "FORMATS", "KINDS", "onnx_name", "run_export"]
