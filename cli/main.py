@@ -5,6 +5,7 @@
 
 from gvsl.cli import (
     export_cmd,  # noqa: F401
+    runtime_cmd,  # noqa: F401
     train_cmd,  # noqa: F401  (registers `gvsl train`)
 )
 from gvsl.cli.app import app

@@ -1,10 +1,46 @@
-"""gvsl.runtime: torch-free preprocessing and inference helpers.
+"""gvsl.runtime: torch-free preprocessing and inference.
 
-Imported by inference servers that have only numpy, scipy and nibabel, so no
-module in this package may import torch.
+Imported by inference servers that have only numpy, scipy, nibabel and ONNX
+Runtime / TensorRT, so no module in this package may import torch (the torch
+backend imports it only when chosen). ``Embedder`` and ``Registrar`` are
+imported lazily: ``import gvsl.runtime`` stays as light as preprocessing.
 """
+
+from typing import Any
 
 from .errors import GvslInputError
 from .preprocess import PreprocessConfig, Volume, load_volume, preprocess
 
-__all__ = ["GvslInputError", "PreprocessConfig", "Volume", "load_volume", "preprocess"]
+_LAZY = {
+    "Embedder": ".embed",
+    "Embedding": ".embed",
+    "Registrar": ".register",
+    "Registration": ".register",
+    "load_backend": ".backends",
+    "read_volume": ".io",
+    "save_displacement_field": ".io",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "Embedder",
+    "Embedding",
+    "GvslInputError",
+    "PreprocessConfig",
+    "Registrar",
+    "Registration",
+    "Volume",
+    "load_backend",
+    "load_volume",
+    "preprocess",
+    "read_volume",
+    "save_displacement_field",
+]

@@ -1,0 +1,301 @@
+"""``gvsl embed`` and ``gvsl register``: the torch-free runtime from the command line.
+
+Neither command imports torch unless ``--backend torch`` is chosen, so they
+run on inference servers that only have ONNX Runtime / TensorRT. Batch
+embedding goes on past bad files, lists them at the end and exits 1; bad
+options or a bad model stop at once with one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from gvsl.cli.app import app, err, user_errors
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+BACKEND_HELP = "auto (ONNX Runtime for exports, torch for trained models), onnxruntime, tensorrt or torch."
+DEVICE_HELP = "auto, cpu, cuda or cuda:N (ONNX Runtime tries TensorRT EP, then CUDA EP, then CPU)."
+
+
+def _shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise typer.BadParameter(f"--shard must look like i/n (e.g. 0/8), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise typer.BadParameter(f"--shard i/n needs 0 <= i < n, got {text!r}")
+    return i, n
+
+
+def _progress(quiet: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        console=err,
+        disable=quiet,
+        transient=False,
+    )
+
+
+def _short(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg if len(msg) <= 300 else msg[:297] + "..."
+
+
+# ----------------------------------------------------------------------------- embed
+@app.command()
+@user_errors
+def embed(
+    paths: Annotated[
+        list[str], typer.Argument(help="NIfTI files, DICOM series folders, folders (searched recursively) or globs.")
+    ],
+    model: Annotated[
+        Path,
+        typer.Option("--model", "-m", help="Export folder (gvsl export) or encoder.onnx; a model folder for torch."),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (mirrors the input folders' structure).")],
+    dense: Annotated[bool, typer.Option(help="Also write dense features on each input's own grid.")] = False,
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="npy: NAME.npy embedding (+ NAME_features.nii.gz with --dense); "
+            "npz: NAME.npz with embedding (+ features [F,X,Y,Z] and affine).",
+        ),
+    ] = "npy",
+    grid: Annotated[
+        str, typer.Option(help="Grid of dense features: input (the file's own) or model (preprocessed, cheaper).")
+    ] = "input",
+    backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    shard: Annotated[
+        str | None, typer.Option(help="i/n: process only every n-th input starting at i (0-based), for array jobs.")
+    ] = None,
+    overlap: Annotated[float, typer.Option(help="Sliding-window overlap for volumes larger than the patch.")] = 0.5,
+    window_batch: Annotated[int, typer.Option(help="Windows per inference call (more = faster, more memory).")] = 1,
+    max_voxels: Annotated[int, typer.Option(help="Refuse inputs with more voxels than this.")] = 512 * 512 * 2048,
+    threads: Annotated[int, typer.Option(help="CPU threads per inference (0 = library default).")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Recompute outputs that already exist (default: skip them).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary; errors only.")] = False,
+) -> None:
+    """Embed volumes with a gvsl encoder: one global embedding per volume (optionally dense features).
+
+    Resumable: inputs whose outputs exist are skipped. Bad inputs do not stop the
+    batch; they are listed at the end and the exit code is 1.
+    """
+    from gvsl.runtime.backends import BACKENDS
+    from gvsl.runtime.embed import Embedder
+    from gvsl.runtime.io import list_inputs, save_npy, save_npz
+    from gvsl.runtime.preprocess import save_nifti
+
+    if backend not in BACKENDS:
+        raise typer.BadParameter(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if format not in ("npy", "npz"):
+        raise typer.BadParameter(f"--format must be npy or npz, got {format!r}")
+    if grid not in ("input", "model"):
+        raise typer.BadParameter(f"--grid must be input or model, got {grid!r}")
+    if out.exists() and not out.is_dir():
+        raise typer.BadParameter(f"--out {out}: exists and is not a folder")
+    index, count = _shard(shard)
+    items, problems = list_inputs(paths)
+    failures: list[tuple[str, str]] = list(problems)
+    items = items[index::count]
+    if not items and not failures:
+        err.print(f"nothing to do: shard {index}/{count} holds no inputs")
+        return
+    if not items:
+        _embed_summary(0, 0, 0, failures, 0.0, quiet)
+        raise typer.Exit(1)
+
+    def outputs_for(key: str) -> list[Path]:
+        if format == "npz":
+            return [out / f"{key}.npz"]
+        return [out / f"{key}.npy"] + ([out / f"{key}_features.nii.gz"] if dense else [])
+
+    todo = [it for it in items if overwrite or not all(p.is_file() for p in outputs_for(it.key))]
+    skipped = len(items) - len(todo)
+    done = 0
+    t0 = time.perf_counter()
+    if todo:
+        embedder = Embedder(
+            model, backend, device, overlap=overlap, window_batch=window_batch, max_voxels=max_voxels, threads=threads
+        )
+        if dense and not embedder.has_dense:
+            raise typer.BadParameter(f"{model}: this encoder has no dense features output; drop --dense or re-export")
+        with _progress(quiet) as progress, ThreadPoolExecutor(1) as reader:
+            task = progress.add_task("embed", total=len(todo), info="")
+            # read + preprocess the next input while the current one runs
+            nxt: Future | None = reader.submit(embedder.prepare, todo[0].path)
+            for k, item in enumerate(todo):
+                progress.update(task, info=item.key)
+                fut, nxt = nxt, (reader.submit(embedder.prepare, todo[k + 1].path) if k + 1 < len(todo) else None)
+                try:
+                    vol, pre = fut.result()
+                    res = embedder.embed_prepared(vol, pre, dense=dense, grid=grid)
+                    outs = outputs_for(item.key)
+                    if format == "npz":
+                        extra = {"features": res.features, "affine": res.affine} if dense else {}
+                        save_npz(outs[0], embedding=res.embedding, **extra)
+                    else:
+                        if dense:
+                            save_nifti(outs[1], res.features.transpose(1, 2, 3, 0), res.affine)
+                        save_npy(outs[0], res.embedding)
+                    done += 1
+                except MemoryError:
+                    failures.append((str(item.path), "out of memory; lower --window-batch or --max-voxels"))
+                except Exception as e:  # noqa: BLE001 - batch mode: record and go on
+                    from gvsl.runtime.errors import GvslInputError
+
+                    why = _short(e) if isinstance(e, GvslInputError) else f"{type(e).__name__}: {_short(e)}"
+                    failures.append((str(item.path), why))
+                progress.advance(task)
+        embedder.close()
+    _embed_summary(done, skipped, len(items), failures, time.perf_counter() - t0, quiet)
+    if failures:
+        raise typer.Exit(1)
+
+
+def _embed_summary(
+    done: int, skipped: int, total: int, failures: list[tuple[str, str]], seconds: float, quiet: bool
+) -> None:
+    from rich.table import Table
+
+    if not quiet:
+        table = Table(title="gvsl embed", show_header=True, header_style="bold")
+        for col in ("inputs", "embedded", "skipped (exist)", "failed", "time", "s / volume"):
+            table.add_column(col, justify="right")
+        per = f"{seconds / done:.2f}" if done else "-"
+        table.add_row(str(total), str(done), str(skipped), str(len(failures)), f"{seconds:.1f} s", per)
+        err.print(table)
+    if failures:
+        err.print(f"[bold red]{len(failures)} input(s) failed:[/]")
+        for path, why in failures:
+            err.print(f"  {path}: {why}", soft_wrap=True, highlight=False, markup=False)
+
+
+# ----------------------------------------------------------------------------- register
+def _nifti_out(path: Path, what: str) -> Path:
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        raise typer.BadParameter(f"{what} {path}: give a .nii or .nii.gz file name")
+    return path
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suf in (".nii.gz", ".nii"):
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return path.stem
+
+
+@app.command()
+@user_errors
+def register(
+    fixed: Annotated[
+        str, typer.Argument(help="Fixed image: NIfTI file or DICOM series folder (outputs use its grid).")
+    ],
+    moving: Annotated[str, typer.Argument(help="Moving image: NIfTI file or DICOM series folder.")],
+    model: Annotated[
+        Path,
+        typer.Option("--model", "-m", help="Export folder (gvsl export) or registration.onnx; model folder for torch."),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Warped moving image on the fixed grid (.nii.gz).")],
+    dvf: Annotated[
+        Path | None, typer.Option(help="Write the displacement field (ITK/ANTs convention, LPS mm, 5-D vector NIfTI).")
+    ] = None,
+    labels: Annotated[
+        list[str] | None,
+        typer.Option(help="Label map(s) of the moving image to warp (nearest neighbour); repeatable."),
+    ] = None,
+    labels_out: Annotated[
+        list[Path] | None,
+        typer.Option(help="Where to write each warped label map (default: LABELNAME_warped.nii.gz beside --out)."),
+    ] = None,
+    png: Annotated[
+        Path | None, typer.Option(help="Overview PNG: fixed, moving, warped, checkerboard in three planes.")
+    ] = None,
+    metrics: Annotated[Path | None, typer.Option(help="Write the quality figures as JSON.")] = None,
+    init: Annotated[
+        str, typer.Option(help="Initial alignment: world (scanner frames) or center (FOV centres).")
+    ] = "world",
+    backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    max_voxels: Annotated[int, typer.Option(help="Refuse inputs with more voxels than this.")] = 512 * 512 * 2048,
+    threads: Annotated[int, typer.Option(help="CPU threads per inference (0 = library default).")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+) -> None:
+    """Register MOVING onto FIXED with a gvsl registration model.
+
+    Writes the warped image on the fixed grid, and on request the displacement
+    field, warped label maps, an overview PNG and the quality figures (NCC
+    before/after, Jacobian determinant, folding).
+    """
+    from gvsl.runtime.register import Registrar
+
+    _nifti_out(out, "--out")
+    if dvf is not None:
+        _nifti_out(dvf, "--dvf")
+    if png is not None and png.suffix.lower() != ".png":
+        raise typer.BadParameter(f"--png {png}: give a .png file name")
+    label_paths = list(labels or [])
+    targets = list(labels_out or [])
+    if targets and len(targets) != len(label_paths):
+        raise typer.BadParameter(f"--labels-out: {len(targets)} given for {len(label_paths)} --labels")
+    if not targets:
+        targets = [out.parent / f"{_stem(Path(lab))}_warped.nii.gz" for lab in label_paths]
+    for t in targets:
+        _nifti_out(t, "--labels-out")
+    t0 = time.perf_counter()
+    with Registrar(model, backend, device, init=init, max_voxels=max_voxels, threads=threads) as reg:
+        res = reg.register(fixed, moving, labels=label_paths or None)
+    seconds = time.perf_counter() - t0
+    written = [res.save_warped(out)]
+    if dvf is not None:
+        written.append(res.save_dvf(dvf))
+    if label_paths:
+        written += res.save_labels(targets)
+    if png is not None:
+        written.append(res.save_png(png, title=f"{Path(moving).name} -> {Path(fixed).name}"))
+    if metrics is not None:
+        from gvsl.runtime.io import atomic_write
+
+        payload = {
+            "fixed": str(fixed),
+            "moving": str(moving),
+            **res.metrics,
+            "seconds": seconds,
+            "affine_network": res.matrix.tolist(),
+            "affine_world_ras": res.world_matrix.tolist(),
+            "backend": reg.backend.name,
+        }
+        written.append(atomic_write(metrics, lambda p: Path(p).write_text(json.dumps(payload, indent=2) + "\n")))
+    if not quiet:
+        from rich.table import Table
+
+        table = Table(title=f"gvsl register ({reg.backend.name}, {seconds:.1f} s)", header_style="bold")
+        table.add_column("figure")
+        table.add_column("value", justify="right")
+        m = res.metrics
+        table.add_row("NCC before", f"{m['ncc_before']:.4f}")
+        table.add_row("NCC after", f"{m['ncc_after']:.4f}")
+        table.add_row("Jacobian det min", f"{m['jacobian_min']:.4f}")
+        table.add_row("folding voxels", f"{m['folding_percent']:.4f} %")
+        table.add_row("max displacement", f"{m['max_displacement_mm']:.2f} mm")
+        err.print(table)
+        for p in written:
+            err.print(f"wrote {p}", highlight=False, markup=False)
