@@ -4,8 +4,11 @@
 """
 
 from gvsl.cli import (
+    bench_cmd,  # noqa: F401  (registers `gvsl bench`)
+    demo_cmd,  # noqa: F401  (registers `gvsl synth`, `demo`, `probe`, `finetune`)
     export_cmd,  # noqa: F401
     runtime_cmd,  # noqa: F401
+    serve_cmd,  # noqa: F401
     train_cmd,  # noqa: F401  (registers `gvsl train`)
 )
 from gvsl.cli.app import app

@@ -22,6 +22,10 @@ from gvsl.cli.app import app, err, user_errors
 F = TypeVar("F", bound=Callable[..., Any])
 
 BACKEND_HELP = "auto (ONNX Runtime for exports, torch for trained models), onnxruntime, tensorrt or torch."
+SERVER_HELP = (
+    "Use a running `gvsl serve` instead of --model: http://HOST:8000 or grpc://HOST:8001 "
+    "(the server's backend and settings apply)."
+)
 DEVICE_HELP = "auto, cpu, cuda or cuda:N (ONNX Runtime tries TensorRT EP, then CUDA EP, then CPU)."
 
 
@@ -62,13 +66,36 @@ def _short(e: BaseException) -> str:
 @user_errors
 def embed(
     paths: Annotated[
-        list[str], typer.Argument(help="NIfTI files, DICOM series folders, folders (searched recursively) or globs.")
+        list[str],
+        typer.Argument(
+            help="NIfTI files, DICOM series folders, folders (searched recursively) or globs; "
+            "with --merge: output folders of earlier runs."
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", help="Output folder (mirrors the input folders' structure); with --merge: a .csv or .npz."
+        ),
     ],
     model: Annotated[
-        Path,
-        typer.Option("--model", "-m", help="Export folder (gvsl export) or encoder.onnx; a model folder for torch."),
-    ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (mirrors the input folders' structure).")],
+        Path | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Export folder (gvsl export) or encoder.onnx; a model folder for torch. "
+            "Default: the small model shipped with gvsl.",
+        ),
+    ] = None,
+    server: Annotated[str | None, typer.Option(help=SERVER_HELP)] = None,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge",
+            help="Combine the embeddings under PATHS (e.g. one output folder per --shard) into one table at --out: "
+            "CSV (key, e0..eC-1) or NPZ (keys, embeddings [N, C]). No model needed.",
+        ),
+    ] = False,
     dense: Annotated[bool, typer.Option(help="Also write dense features on each input's own grid.")] = False,
     format: Annotated[
         str,
@@ -96,7 +123,8 @@ def embed(
     """Embed volumes with a gvsl encoder: one global embedding per volume (optionally dense features).
 
     Resumable: inputs whose outputs exist are skipped. Bad inputs do not stop the
-    batch; they are listed at the end and the exit code is 1.
+    batch; they are listed at the end and the exit code is 1. `--merge` joins the
+    outputs of several runs or shards into one table.
     """
     from gvsl.runtime.backends import BACKENDS
     from gvsl.runtime.embed import Embedder
@@ -109,6 +137,14 @@ def embed(
         raise typer.BadParameter(f"--format must be npy or npz, got {format!r}")
     if grid not in ("input", "model"):
         raise typer.BadParameter(f"--grid must be input or model, got {grid!r}")
+    if merge:
+        _merge_embeddings(paths, out, overwrite, quiet)
+        return
+    if model is None and server is None:  # neither given: the small model shipped with gvsl
+        from gvsl.runtime.default_model import default_model_dir
+
+        model = default_model_dir()
+    _model_or_server(model, server, backend, device)
     if out.exists() and not out.is_dir():
         raise typer.BadParameter(f"--out {out}: exists and is not a folder")
     index, count = _shard(shard)
@@ -132,11 +168,24 @@ def embed(
     done = 0
     t0 = time.perf_counter()
     if todo:
-        embedder = Embedder(
-            model, backend, device, overlap=overlap, window_batch=window_batch, max_voxels=max_voxels, threads=threads
-        )
+        if server:
+            from gvsl.runtime.client import GvslClient
+
+            if grid != "input":
+                raise typer.BadParameter(
+                    "--grid model is not available with --server (features come on the input grid)"
+                )
+            embedder: Any = GvslClient(server, max_voxels=max_voxels)
+            embedder.check([embedder.embed_model])
+        else:
+            embedder = Embedder(
+                model, backend, device, overlap=overlap, window_batch=window_batch, max_voxels=max_voxels,
+                threads=threads,
+            )  # fmt: skip
         if dense and not embedder.has_dense:
-            raise typer.BadParameter(f"{model}: this encoder has no dense features output; drop --dense or re-export")
+            raise typer.BadParameter(
+                f"{server or model}: this encoder has no dense features output; drop --dense or re-export"
+            )
         with _progress(quiet) as progress, ThreadPoolExecutor(1) as reader:
             task = progress.add_task("embed", total=len(todo), info="")
             # read + preprocess the next input while the current one runs
@@ -168,6 +217,97 @@ def embed(
     _embed_summary(done, skipped, len(items), failures, time.perf_counter() - t0, quiet)
     if failures:
         raise typer.Exit(1)
+
+
+def _model_or_server(model: Path | None, server: str | None, backend: str, device: str) -> None:
+    """At most one of --model / --server; the local backend options mean nothing with a server."""
+    if model is not None and server is not None:
+        raise typer.BadParameter("give --model DIR (run locally) or --server URL (a running `gvsl serve`), not both")
+    if server and (backend != "auto" or device != "auto"):
+        raise typer.BadParameter("--backend/--device are set on `gvsl serve`, not with --server; drop them")
+
+
+def _merge_embeddings(folders: list[str], out: Path, overwrite: bool, quiet: bool) -> None:
+    """One table from the ``.npy`` / ``.npz`` embeddings under ``folders`` (keys = paths
+    relative to each folder, without suffix, as `gvsl embed` wrote them)."""
+    import csv
+    import io
+
+    import numpy as np
+
+    from gvsl.runtime.errors import GvslInputError
+    from gvsl.runtime.io import atomic_write, save_npz
+
+    kind = "csv" if out.name.lower().endswith(".csv") else "npz" if out.name.lower().endswith(".npz") else ""
+    if not kind:
+        raise typer.BadParameter(f"--out {out}: with --merge give a .csv or .npz file name")
+    if out.exists() and not overwrite:
+        raise typer.BadParameter(f"--out {out}: exists; add --overwrite to replace it")
+    rows: dict[str, tuple[np.ndarray, Path]] = {}
+    for folder in folders:
+        root = Path(folder)
+        if not root.is_dir():
+            raise typer.BadParameter(f"--merge {folder}: not a folder; give the --out folders of `gvsl embed` runs")
+        for p in sorted(root.rglob("*")):
+            rel = p.relative_to(root).as_posix()
+            if not p.is_file() or any(part.startswith(".") for part in p.relative_to(root).parts):
+                continue  # temporary files of a run still writing
+            low = p.name.lower()
+            if not low.endswith((".npy", ".npz")):
+                continue
+            try:
+                if low.endswith(".npy"):
+                    vec = np.load(p, allow_pickle=False)
+                else:
+                    with np.load(p, allow_pickle=False) as z:
+                        if "embedding" not in z.files:
+                            raise ValueError("no 'embedding' array")
+                        vec = z["embedding"]
+            except (OSError, ValueError, EOFError) as e:
+                raise GvslInputError(
+                    f"{p}: not a readable gvsl embedding ({e}); delete it and embed again", p
+                ) from None
+            if vec.ndim != 1 or vec.dtype.kind != "f":
+                raise GvslInputError(f"{p}: not a gvsl embedding (array {vec.dtype} {vec.shape}); move it away", p)
+            key = rel[:-4]
+            if key in rows:
+                if not np.array_equal(rows[key][0], vec):
+                    raise GvslInputError(
+                        f"{p}: differs from {rows[key][1]} for the same input {key!r}; merge outputs of one model only",
+                        p,
+                    )
+                continue
+            rows[key] = (vec.astype(np.float32), p)
+    if not rows:
+        raise GvslInputError(f"--merge: no embeddings (.npy / .npz) under {', '.join(folders)}")
+    dims = {v.shape[0] for v, _ in rows.values()}
+    if len(dims) > 1:
+        first = next(iter(rows.values()))
+        odd = next(p for v, p in rows.values() if v.shape[0] != first[0].shape[0])
+        raise GvslInputError(
+            f"{odd}: {dims} embedding sizes in one merge ({first[1]} differs); merge outputs of one model only", odd
+        )
+    keys = sorted(rows)
+    table = np.stack([rows[k][0] for k in keys])
+    if kind == "npz":
+        save_npz(out, keys=np.array(keys), embeddings=table)
+    else:
+
+        def write(tmp: str) -> None:
+            buf = io.StringIO()
+            w = csv.writer(buf, lineterminator="\n")
+            w.writerow(["key", *(f"e{i}" for i in range(table.shape[1]))])
+            for k, row in zip(keys, table, strict=True):
+                w.writerow([k, *(f"{float(x):.9g}" for x in row)])  # 9 digits: float32 round-trips exactly
+            Path(tmp).write_text(buf.getvalue())
+
+        atomic_write(out, write)
+    if not quiet:
+        err.print(
+            f"merged {len(keys)} embeddings ({table.shape[1]} values each) from {len(folders)} folder(s) into {out}",
+            highlight=False,
+            markup=False,
+        )
 
 
 def _embed_summary(
@@ -210,11 +350,17 @@ def register(
         str, typer.Argument(help="Fixed image: NIfTI file or DICOM series folder (outputs use its grid).")
     ],
     moving: Annotated[str, typer.Argument(help="Moving image: NIfTI file or DICOM series folder.")],
-    model: Annotated[
-        Path,
-        typer.Option("--model", "-m", help="Export folder (gvsl export) or registration.onnx; model folder for torch."),
-    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Warped moving image on the fixed grid (.nii.gz).")],
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Export folder (gvsl export) or registration.onnx; model folder for torch. "
+            "Default: the small model shipped with gvsl.",
+        ),
+    ] = None,
+    server: Annotated[str | None, typer.Option(help=SERVER_HELP)] = None,
     dvf: Annotated[
         Path | None, typer.Option(help="Write the displacement field (ITK/ANTs convention, LPS mm, 5-D vector NIfTI).")
     ] = None,
@@ -247,6 +393,11 @@ def register(
     """
     from gvsl.runtime.register import Registrar
 
+    if model is None and server is None:  # neither given: the small model shipped with gvsl
+        from gvsl.runtime.default_model import default_model_dir
+
+        model = default_model_dir()
+    _model_or_server(model, server, backend, device)
     _nifti_out(out, "--out")
     if dvf is not None:
         _nifti_out(dvf, "--dvf")
@@ -261,8 +412,17 @@ def register(
     for t in targets:
         _nifti_out(t, "--labels-out")
     t0 = time.perf_counter()
-    with Registrar(model, backend, device, init=init, max_voxels=max_voxels, threads=threads) as reg:
-        res = reg.register(fixed, moving, labels=label_paths or None)
+    if server:
+        from gvsl.runtime.client import GvslClient
+
+        with GvslClient(server, max_voxels=max_voxels) as client:
+            client.check([client.register_model])
+            res = client.register(fixed, moving, labels=label_paths or None, init=init)
+        backend_name = client.name
+    else:
+        with Registrar(model, backend, device, init=init, max_voxels=max_voxels, threads=threads) as reg:
+            res = reg.register(fixed, moving, labels=label_paths or None)
+        backend_name = reg.backend.name
     seconds = time.perf_counter() - t0
     written = [res.save_warped(out)]
     if dvf is not None:
@@ -281,13 +441,13 @@ def register(
             "seconds": seconds,
             "affine_network": res.matrix.tolist(),
             "affine_world_ras": res.world_matrix.tolist(),
-            "backend": reg.backend.name,
+            "backend": backend_name,
         }
         written.append(atomic_write(metrics, lambda p: Path(p).write_text(json.dumps(payload, indent=2) + "\n")))
     if not quiet:
         from rich.table import Table
 
-        table = Table(title=f"gvsl register ({reg.backend.name}, {seconds:.1f} s)", header_style="bold")
+        table = Table(title=f"gvsl register ({backend_name}, {seconds:.1f} s)", header_style="bold")
         table.add_column("figure")
         table.add_column("value", justify="right")
         m = res.metrics

@@ -37,6 +37,12 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of weights, data and augmentation.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (bf16 where supported).")] = True,
+    channels_last: Annotated[
+        bool, typer.Option(help="Channels-last 3-D memory format (faster convolutions on GPUs).")
+    ] = False,
+    compile: Annotated[
+        bool, typer.Option(help="torch.compile the model (slow first steps, faster after).")
+    ] = False,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="Switch spatial augmentation off.")] = False,
     cache_dir: Annotated[
         Path | None, typer.Option(help="Cache of preprocessed volumes (default RUN/cache).")
@@ -82,6 +88,8 @@ def train(
             seed=seed,
             device=device,
             amp=amp,
+            channels_last=channels_last,
+            compile=compile,
             preprocess=pcfg.to_dict(),
             augment=acfg.to_dict(),
             skip_bad=skip_bad,

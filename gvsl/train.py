@@ -39,7 +39,7 @@ from gvsl.model import GVSL
 from gvsl.runtime.errors import GvslInputError
 from gvsl.runtime.preprocess import PreprocessConfig
 
-__all__ = ["TrainConfig", "TrainResult", "train", "resolve_device"]
+__all__ = ["TrainConfig", "TrainResult", "make_train_step", "train", "resolve_device"]
 
 METRIC_FIELDS = ["step", "total", "ncc", "mse", "smooth", "lr", "it_per_s", "elapsed_s"]
 
@@ -68,6 +68,10 @@ class TrainConfig:
     augment: dict[str, Any] = field(default_factory=lambda: AugmentConfig().to_dict())
     skip_bad: bool = False
     cache_dir: str | None = None
+    # speed options (results stay the same up to float rounding): channels-last 3-D
+    # memory format for the network and its inputs; torch.compile of the model
+    channels_last: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
@@ -270,6 +274,8 @@ def _train(
 
     torch.manual_seed(cfg.seed)
     model = GVSL(cfg.model_config()).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
     optim = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     amp_dtype = _amp_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -304,6 +310,9 @@ def _train(
         )
     criterion = GVSLLoss(LossWeights(**cfg.loss))
     augmenter = Augmenter(AugmentConfig.from_dict(cfg.augment))
+    train_step = make_train_step(
+        net, optim, criterion, augmenter, amp_dtype, scaler, channels_last=cfg.channels_last, compile=cfg.compile
+    )
     batches = _batches(iter(dataset), cfg.batch_size, device)
     metrics_path = out / "metrics.csv"
     if ddp.main:
@@ -343,15 +352,7 @@ def _train(
                 interrupted = True
                 break
             x1, x2 = next(batches)
-            with torch.no_grad():
-                x1a, x1d, x2a = augmenter(x1, x2, aug_gen)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                o = net(x1d, x2a)
-                terms = criterion(x1a, o.warped, o.restored, o.local_dvf)
-            optim.zero_grad(set_to_none=True)
-            scaler.scale(terms.total).backward()
-            scaler.step(optim)
-            scaler.update()
+            terms = train_step(x1, x2, aug_gen)
             step += 1
             window_n += 1
             if not math.isfinite(float(terms.total.detach())):
@@ -389,6 +390,46 @@ def _train(
                 },
             )
     return TrainResult(step, interrupted, model_dir, last, [(str(p), w) for p, w in bad])
+
+
+def make_train_step(
+    net: torch.nn.Module,
+    optim: torch.optim.Optimizer,
+    criterion: GVSLLoss,
+    augmenter: Augmenter,
+    amp_dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler,
+    channels_last: bool = False,
+    compile: bool = False,
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Generator], Any]:
+    """One optimisation step ``(x1, x2, generator) -> loss terms``: augmentation on the
+    batch's device, forward + loss under autocast, backward, optimiser step.
+
+    The training loop and ``gvsl bench --train`` both run this function, so the
+    benchmark measures the real step. ``channels_last`` feeds the network
+    channels-last-3d inputs (the model must have been converted too), which
+    lets cuDNN / oneDNN pick their NDHWC kernels; ``compile`` wraps the network
+    in ``torch.compile`` (first steps compile; each new input shape recompiles).
+    """
+    model = torch.compile(net) if compile else net
+
+    def step(x1: torch.Tensor, x2: torch.Tensor, gen: torch.Generator) -> Any:
+        with torch.no_grad():
+            x1a, x1d, x2a = augmenter(x1, x2, gen)
+        if channels_last:
+            x1d = x1d.contiguous(memory_format=torch.channels_last_3d)
+            x2a = x2a.contiguous(memory_format=torch.channels_last_3d)
+        device_type = x1.device.type
+        with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            o = model(x1d, x2a)
+            terms = criterion(x1a, o.warped, o.restored, o.local_dvf)
+        optim.zero_grad(set_to_none=True)
+        scaler.scale(terms.total).backward()
+        scaler.step(optim)
+        scaler.update()
+        return terms
+
+    return step
 
 
 def _amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:

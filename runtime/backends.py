@@ -53,7 +53,9 @@ __all__ = [
     "OnnxRuntimeBackend",
     "TensorRTBackend",
     "TorchBackend",
+    "calibration_windows",
     "load_backend",
+    "quantize_int8",
     "read_onnx_metadata",
     "resolve_model_file",
 ]
@@ -371,11 +373,16 @@ class OnnxRuntimeBackend(Backend):
         max_batch: int = 1,
         providers: Sequence[Any] | None = None,
         trt_ep: bool = True,
+        int8_calibration: Sequence[Any] | None = None,
         **_: Any,  # options of other backends (max_contexts ...), so `auto` never trips on them
     ) -> None:
         ort = _import_ort()
         path = Path(path)
         device = _check_device(device)
+        if int8_calibration:
+            if device != "cpu":
+                raise GvslInputError("int8 is a CPU mode (ONNX Runtime QLinearConv); use --device cpu")
+            path = _int8_model(path, kind, int8_calibration, cache_dir)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -489,6 +496,135 @@ class OnnxRuntimeBackend(Backend):
         self.session = None  # type: ignore[assignment]
 
 
+# ----------------------------------------------------------------------------- int8 (CPU)
+def calibration_windows(info: ModelInfo, volumes: Sequence[Any], max_windows: int = 8) -> list[np.ndarray]:
+    """Network inputs ``[1, 1, D, H, W]`` for int8 calibration: each volume (path,
+    DICOM folder, ``(array, affine)``, Volume, or an already preprocessed 5-D
+    array) preprocessed with the model's own settings and cut into the same
+    sliding windows the Embedder runs, at most ``max_windows`` in all."""
+    from .embed import window_starts
+    from .io import read_volume
+    from .preprocess import pad_to_multiple, preprocess
+
+    out: list[np.ndarray] = []
+    for v in volumes:
+        if isinstance(v, np.ndarray) and v.ndim == 5:
+            out += [np.ascontiguousarray(b[None], dtype=np.float32) for b in v]
+            continue
+        data, _ = pad_to_multiple(preprocess(read_volume(v), info.preprocess).data, 16)
+        win = [min(int(p), int(s)) for p, s in zip(info.patch_size, data.shape, strict=True)]
+        starts = [window_starts(int(s), w, 0.5) for s, w in zip(data.shape, win, strict=True)]
+        for a in starts[0]:
+            for b in starts[1]:
+                for c in starts[2]:
+                    crop = data[a : a + win[0], b : b + win[1], c : c + win[2]]
+                    out.append(np.ascontiguousarray(crop, dtype=np.float32)[None, None])
+    if not out:
+        raise GvslInputError("int8 calibration needs at least one volume")
+    if len(out) > max_windows:  # spread the kept windows over all volumes
+        out = [out[i] for i in np.linspace(0, len(out) - 1, max_windows).round().astype(int)]
+    return out
+
+
+def quantize_int8(
+    model: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    calibration: Sequence[Any],
+    kind: str = A.ENCODER,
+) -> Path:
+    """Write an int8 copy of a gvsl fp32 graph for ONNX Runtime on CPU; returns ``out``.
+
+    Static QDQ quantisation (onnxruntime.quantization, no torch): convolution
+    weights int8 per output channel, activations uint8 per tensor with ranges
+    from ``calibration`` (volumes as for :func:`calibration_windows`: real
+    scans preprocessed like training, not random noise). Only convolutions are
+    quantised; GroupNorm, pooling, resizing and the pooled embedding stay fp32.
+    On x86 CPUs with VNNI, ORT's int8 convolutions run at several times the fp32
+    rate. Lossy: check the embedding cosine to fp32 on your data
+    (``gvsl bench`` reports it). The gvsl metadata is kept, precision ``int8``.
+    """
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    src, fmt = resolve_model_file(model, kind)
+    if fmt != "onnx":
+        raise GvslInputError(f"{src}: int8 needs the fp32 ONNX export (gvsl export), not a torch model", str(src))
+    info = _info_from_metadata(read_onnx_metadata(src), src, kind)
+    if info.precision != "fp32":
+        raise GvslInputError(f"{src}: int8 is made from the fp32 graph, this one is {info.precision}", str(src))
+    if kind != A.ENCODER:
+        raise GvslInputError("int8 is offered for the encoder (embeddings) only; registration stays fp32")
+    windows = calibration_windows(info, calibration)
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(windows)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            x = next(self._it, None)
+            return None if x is None else {"image": x}
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".onnx")
+    os.close(fd)
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser's "consider pre-processing" warnings on the root logger
+    try:
+        quantize_static(
+            str(src),
+            tmp,
+            _Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["Conv"],
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+        proto = onnx.load(tmp)
+        meta = read_onnx_metadata(src)
+        meta[A.META_PRECISION] = "int8"
+        del proto.metadata_props[:]
+        for k, v in meta.items():
+            proto.metadata_props.add(key=k, value=v)
+        onnx.save(proto, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    finally:
+        root.setLevel(level)
+        Path(tmp).unlink(missing_ok=True)
+    return out
+
+
+def _int8_model(path: Path, kind: str, calibration: Sequence[Any], cache_dir: Any) -> Path:
+    """The int8 graph for ``path`` and this calibration set, quantised once and cached
+    (key: the fp32 file's and the calibration windows' sha256)."""
+    src, _ = resolve_model_file(path, kind)
+    info = _info_from_metadata(read_onnx_metadata(src), src, kind)
+    if info.precision == "int8":
+        return src
+    windows = calibration_windows(info, calibration)
+    h = hashlib.sha256(_file_sha256(src).encode())
+    for w in windows:
+        h.update(w.tobytes())
+    out = _cache_dir(cache_dir) / "int8" / f"{src.stem}-{h.hexdigest()[:24]}.onnx"
+    if not out.is_file():
+        quantize_int8(src, out, windows, kind)
+    return out
+
+
 # ----------------------------------------------------------------------------- tensorrt
 class _Cuda:
     """The few CUDA runtime calls TensorRT needs, through ctypes (no torch, no pycuda)."""
@@ -596,6 +732,7 @@ class TensorRTBackend(Backend):
         max_batch: int = 1,
         max_contexts: int = 2,
         workspace_gb: float = 4.0,
+        trt_precision: str | None = None,
         **_: Any,
     ) -> None:
         try:
@@ -613,6 +750,10 @@ class TensorRTBackend(Backend):
         self.trt = trt
         path = Path(path)
         self.info = _info_from_metadata(read_onnx_metadata(path), path, kind)
+        if trt_precision not in (None, "fp32", "fp16", "bf16"):
+            raise GvslInputError(f"trt_precision must be fp32, fp16 or bf16, got {trt_precision!r}")
+        # the builder's precision: the graph's own unless overridden (bf16 has no ONNX form)
+        self.precision = trt_precision or self.info.precision
         self.cuda = _Cuda()
         self.device_index = _device_index(device)
         self.cuda.set_device(self.device_index)
@@ -650,7 +791,7 @@ class TensorRTBackend(Backend):
                     trt.__version__,
                     _gpu_name(self.device_index),
                     prof,
-                    self.info.precision,
+                    self.precision,
                     self._max,
                 ]
             ).encode()
@@ -669,8 +810,14 @@ class TensorRTBackend(Backend):
             raise GvslInputError(f"{path}: TensorRT cannot parse this graph: {errs[:300]}{hint}", str(path))
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-        if self.info.precision == "fp16":
-            config.set_flag(trt.BuilderFlag.FP16)
+        if self.precision in ("fp16", "bf16"):
+            flag = "FP16" if self.precision == "fp16" else "BF16"
+            if not hasattr(trt.BuilderFlag, flag):
+                raise GvslInputError(f"TensorRT {trt.__version__} has no {flag} builder flag")
+            config.set_flag(getattr(trt.BuilderFlag, flag))
+            if self.info.precision == "fp32":  # lowering an fp32 graph: keep its geometry in fp32
+                config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
+                _pin_geometry_fp32(trt, network)
         for _ in range(self._max):
             profile = builder.create_optimization_profile()
             for name, (lo, opt, hi) in prof.items():
@@ -763,6 +910,25 @@ class TensorRTBackend(Backend):
                 slot.context = None
             self._all.clear()
         self.engine = None
+
+
+#: ONNX node-name prefixes of the convolutional networks (as in gvsl.export.tensorrt_build);
+#: every other layer is geometry (positions, affine maths, the warp).
+_NETWORK_SCOPES = ("/unet/", "/f_conv/", "/sp_conv/", "/out_flow/", "/fc_", "/model/unet/")
+
+
+def _pin_geometry_fp32(trt: Any, network: Any) -> None:
+    """Keep float layers outside the conv networks in fp32: half precision would
+    quantise voxel positions of the warp."""
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if any(scope in layer.name for scope in _NETWORK_SCOPES):
+            continue
+        outs = [layer.get_output(j) for j in range(layer.num_outputs)]
+        if outs and all(o.dtype == trt.float32 for o in outs):
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                layer.set_output_type(j, trt.float32)
 
 
 def _gpu_name(idx: int) -> str:
@@ -870,6 +1036,8 @@ def load_backend(
             has_ort = importlib.util.find_spec("onnxruntime") is not None
             has_trt = importlib.util.find_spec("tensorrt") is not None
             backend = "tensorrt" if (not has_ort and has_trt) else "onnxruntime"
+    if options.get("int8_calibration") and backend != "onnxruntime":
+        raise GvslInputError(f"int8 runs on ONNX Runtime (CPU), not --backend {backend}")
     if backend == "torch":
         if fmt != "torch":
             raise GvslInputError(

@@ -18,7 +18,6 @@ import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -236,7 +235,7 @@ def load_volume(path: str | os.PathLike[str], max_voxels: int | None = None) -> 
     _check_voxels(shape3, max_voxels, name)
     aff = _check_affine(affine, name)
     try:
-        data = img.get_fdata(dtype=np.float32, caching="unchanged")
+        data, may_be_nonfinite = _read_float32(img, shape3)
     except MemoryError as e:
         raise GvslInputError(
             f"{name}: not enough memory to load {_fmt_shape(shape)} voxels; crop or downsample it",
@@ -248,9 +247,55 @@ def load_volume(path: str | os.PathLike[str], max_voxels: int | None = None) -> 
             "re-export or re-copy it",
             name,
         ) from e
-    data = np.ascontiguousarray(data.reshape(shape3), dtype=np.float32)
-    _check_finite(data, name)
+    if may_be_nonfinite:
+        _check_finite(data, name)
     return Volume(data=data, affine=aff, source=name)
+
+
+#: Stored types whose float32 conversion needs no scaling and matches nibabel's
+#: ``get_fdata(dtype=float32)`` bit for bit (one rounding at most); others take nibabel's path.
+_DIRECT_DTYPES = frozenset("int8 uint8 int16 uint16 int32 uint32 float32 float64".split())
+
+
+def _read_float32(img: Any, shape3: tuple[int, int, int]) -> tuple[np.ndarray, bool]:
+    """(C-contiguous float32 voxels, whether they can hold NaN/Inf), the values of
+    ``img.get_fdata(dtype=float32)``.
+
+    NIfTI stores x fastest (Fortran order) and the runtime works in C order, so
+    every load transposes. Done by numpy (``get_fdata`` + ``ascontiguousarray``)
+    that transpose dominates reading a CT (seconds for 512x512x300); here
+    unscaled integer/float data is converted straight from the stored type in
+    cache-sized blocks on a thread pool, and integer data skips the NaN scan.
+    """
+    proxy = img.dataobj
+    slope = getattr(proxy, "slope", None)
+    inter = getattr(proxy, "inter", None)
+    unscaled = slope is not None and inter is not None and float(slope) == 1.0 and float(inter) == 0.0
+    if nib.is_proxy(proxy) and unscaled and hasattr(proxy, "get_unscaled"):
+        raw = np.asanyarray(proxy.get_unscaled())
+        if raw.dtype.name in _DIRECT_DTYPES:
+            return _to_c_float32(raw.reshape(shape3)), raw.dtype.kind == "f"
+    data = img.get_fdata(dtype=np.float32, caching="unchanged")
+    return _to_c_float32(data.reshape(shape3)), True
+
+
+def _to_c_float32(a: np.ndarray) -> np.ndarray:
+    """``np.ascontiguousarray(a, dtype=float32)``, fast for large Fortran-ordered arrays:
+    blocks of 64 x Y x 64 voxels copied plane by plane stay in cache on both sides."""
+    if a.ndim != 3 or a.flags.c_contiguous or not a.flags.f_contiguous or a.size < _PARALLEL_MIN:
+        return np.ascontiguousarray(a, dtype=np.float32)
+    out = np.empty(a.shape, dtype=np.float32)
+    nx, ny, nz = a.shape
+    block = 64
+
+    def work(x0: int, x1: int) -> None:
+        for z0 in range(0, nz, block):
+            dst, src = out[x0:x1, :, z0 : z0 + block], a[x0:x1, :, z0 : z0 + block]
+            for y in range(ny):
+                dst[:, y, :] = src[:, y, :]
+
+    _run_chunks(work, [(x, min(x + block, nx)) for x in range(0, nx, block)], out.size)
+    return out
 
 
 def _one_line(e: BaseException, limit: int = 120) -> str:
@@ -296,44 +341,54 @@ def resample(vol: Volume, spacing: tuple[float, float, float] | float, order: in
     ``affine_transform`` on CT-sized volumes; higher orders use scipy splines.
     Axes whose spacing already matches (within 1e-3 mm) are left untouched.
     """
+    data, affine = _resample_array(vol.data, vol.affine, spacing, order)
+    if data is vol.data:
+        return vol
+    return Volume(data=data, affine=affine, source=vol.source)
+
+
+def _resample_array(
+    data: np.ndarray, affine: np.ndarray, spacing: tuple[float, float, float] | float, order: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`resample` on a bare array, which may be any strided view (``preprocess``
+    passes the un-copied RAS+ view); returns ``data`` itself when nothing changes."""
     target = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,))
     if not (np.isfinite(target).all() and (target > 0).all()):
         raise ValueError(f"spacing must be positive mm values, got {spacing}")
-    old = voxel_sizes(vol.affine)
+    old = voxel_sizes(affine)
     redo = np.abs(old - target) > 1e-3
     if not redo.any():
-        return vol
+        return data, affine
     scale = np.where(redo, target / old, 1.0)  # old-index step per new voxel
-    shape = np.asarray(vol.data.shape)
+    shape = np.asarray(data.shape)
     new_shape = np.where(redo, np.maximum(1, np.round(shape / scale)), shape).astype(int)
-    affine = vol.affine.copy()
-    affine[:3, :3] = vol.affine[:3, :3] * scale[None, :]
+    new_affine = affine.copy()
+    new_affine[:3, :3] = affine[:3, :3] * scale[None, :]
     if order in (0, 1):
-        data = vol.data
         # shrink first: later passes then touch fewer voxels
         for ax in sorted(np.flatnonzero(redo), key=lambda a: new_shape[a] / shape[a]):
             data = _resample_axis(data, int(ax), int(new_shape[ax]), float(scale[ax]), order)
-        data = np.ascontiguousarray(data, dtype=np.float32)
-    else:
-        from scipy import ndimage
+        return np.ascontiguousarray(data, dtype=np.float32), new_affine
+    from scipy import ndimage
 
-        data = ndimage.affine_transform(
-            vol.data,
-            scale,
-            output_shape=tuple(int(s) for s in new_shape),
-            order=order,
-            mode="nearest",
-            output=np.float32,
-        )
-    return Volume(data=data, affine=affine, source=vol.source)
+    out = ndimage.affine_transform(
+        np.asarray(data, dtype=np.float32),
+        scale,
+        output_shape=tuple(int(s) for s in new_shape),
+        order=order,
+        mode="nearest",
+        output=np.float32,
+    )
+    return out, new_affine
 
 
 def _resample_axis(data: np.ndarray, axis: int, n_new: int, step: float, order: int) -> np.ndarray:
     """1-D nearest/linear interpolation of ``data`` along ``axis`` at i*step, edge-clamped.
 
-    Work is split into slabs along another axis and run on a thread pool (numpy
-    releases the GIL in gathers and arithmetic), which is what lets this keep up
-    with multi-threaded SimpleITK on CT-sized volumes.
+    The output is cut into pieces of about :data:`_CHUNK` voxels along another
+    axis, so each piece's gathers and temporaries stay in the CPU cache, and the
+    pieces run on a thread pool (numpy releases the GIL in gathers and
+    arithmetic). The arithmetic per voxel does not depend on the cut.
     """
     n_old = data.shape[axis]
     x = np.arange(n_new, dtype=np.float64) * step
@@ -364,16 +419,37 @@ def _resample_axis(data: np.ndarray, axis: int, n_new: int, step: float, order: 
         hi *= w
         np.add(hi, lo, out=dst)
 
-    n_split = data.shape[split]
-    threads = _n_threads() if out.size >= 1 << 20 else 1
-    if threads == 1:
-        work(0, n_split)
-        return out
-    bounds = np.linspace(0, n_split, min(n_split, 4 * threads) + 1).astype(int)
-    with ThreadPoolExecutor(threads) as pool:
-        for f in [pool.submit(work, a, b) for a, b in pairwise(bounds) if b > a]:
-            f.result()
+    n_split = out.shape[split]
+    per = max(1, out.size // max(n_split, 1))
+    step_n = max(1, _CHUNK // per)
+    _run_chunks(work, [(a, min(a + step_n, n_split)) for a in range(0, n_split, step_n)], out.size)
     return out
+
+
+#: Voxels per work item of the threaded passes: a piece and its temporaries stay in the
+#: CPU caches, and there are few enough pieces that threads rarely wait for the GIL.
+_CHUNK = 1 << 18
+#: Below this many voxels threads cost more than they save.
+_PARALLEL_MIN = 1 << 20
+
+
+def _run_chunks(fn: Any, pieces: list[tuple[int, int]], size: int) -> None:
+    """Run ``fn(start, stop)`` for every piece, on :func:`_n_threads` threads when
+    ``size`` voxels are worth it; each thread takes a contiguous run of pieces."""
+    threads = min(_n_threads(), len(pieces)) if size >= _PARALLEL_MIN else 1
+    if threads <= 1:
+        for a, b in pieces:
+            fn(a, b)
+        return
+
+    def run(group: list[tuple[int, int]]) -> None:
+        for a, b in group:
+            fn(a, b)
+
+    groups = [pieces[i::threads] for i in range(threads)]
+    with ThreadPoolExecutor(threads) as pool:
+        for f in [pool.submit(run, g) for g in groups if g]:
+            f.result()
 
 
 def _n_threads() -> int:
@@ -389,12 +465,31 @@ def normalize_intensity(data: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     """Map intensities to [0, 1] float32 (``ct``: HU window; ``mr``: robust min/max
     of nonzero voxels, because MR has no absolute scale and its zero background
     would otherwise dominate the statistics); ``none`` only casts to float32."""
-    data = np.asarray(data, dtype=np.float32)
+    return _normalize(np.asarray(data, dtype=np.float32), cfg, inplace=False)
+
+
+def _normalize(data: np.ndarray, cfg: PreprocessConfig, inplace: bool) -> np.ndarray:
+    """:func:`normalize_intensity` on float32 ``data``, overwriting it when ``inplace``
+    (``preprocess`` owns its resampled array), in threaded cache-sized pieces.
+    The same float32 operations in the same order as ever, so results are unchanged."""
     if cfg.modality == "ct":
         lo, hi = cfg.ct_window
-        out = np.clip(data, lo, hi)
-        out -= np.float32(lo)
-        out *= np.float32(1.0 / (hi - lo))
+        f_lo, f_scale = np.float32(lo), np.float32(1.0 / (hi - lo))
+        if not data.flags.c_contiguous:
+            out = np.clip(data, lo, hi)
+            out -= f_lo
+            out *= f_scale
+            return out
+        out = data if inplace else np.empty(data.shape, np.float32)
+        src, dst = data.reshape(-1), out.reshape(-1)
+
+        def ct(a: int, b: int) -> None:
+            piece = dst[a:b]
+            np.clip(src[a:b], lo, hi, out=piece)
+            piece -= f_lo
+            piece *= f_scale
+
+        _run_chunks(ct, _flat_pieces(dst.size), dst.size)
         return out
     if cfg.modality == "mr":
         nonzero = data[data != 0]
@@ -403,11 +498,16 @@ def normalize_intensity(data: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
         lo, hi = (float(v) for v in np.percentile(nonzero, cfg.mr_percentiles))
         if not hi > lo:  # constant image: nothing to scale, keep it finite
             return np.zeros_like(data)
-        out = data - np.float32(lo)
+        out = data if inplace else np.empty(data.shape, np.float32)
+        np.subtract(data, np.float32(lo), out=out)
         out *= np.float32(1.0 / (hi - lo))
         np.clip(out, 0.0, 1.0, out=out)
         return out
     return data
+
+
+def _flat_pieces(n: int) -> list[tuple[int, int]]:
+    return [(a, min(a + _CHUNK, n)) for a in range(0, n, _CHUNK)]
 
 
 # ----------------------------------------------------------------------------- padding
@@ -466,11 +566,18 @@ def preprocess(vol: Volume, cfg: PreprocessConfig) -> Volume:
     computed on it (features, displacement fields) can be saved as NIfTI
     directly or mapped back to the input grid.
     """
-    if cfg.canonical:
-        vol = to_canonical(vol)
+    data, affine = vol.data, vol.affine
+    if cfg.canonical:  # flips / transposes as a view: the resampling below reads it in place
+        ornt = io_orientation(affine)
+        if not np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
+            affine = affine @ inv_ornt_aff(ornt, data.shape)
+            data = apply_orientation(data, ornt)
     if cfg.spacing is not None:
-        vol = resample(vol, cfg.spacing, order=1)
-    return Volume(data=normalize_intensity(vol.data, cfg), affine=vol.affine, source=vol.source)
+        data, affine = _resample_array(data, affine, cfg.spacing, order=1)
+    owned = not np.may_share_memory(data, vol.data)
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    owned = owned or not np.may_share_memory(data, vol.data)
+    return Volume(data=_normalize(data, cfg, inplace=owned), affine=affine, source=vol.source)
 
 
 # ----------------------------------------------------------------------------- output

@@ -1,0 +1,623 @@
+"""``gvsl serve``: the runtime behind a real Triton Inference Server (through PyTriton).
+
+Two models are bound, both backed by the same :class:`~gvsl.runtime.embed.Embedder`
+/ :class:`~gvsl.runtime.register.Registrar` code as in-process use, so a served
+result is the in-process result, number for number:
+
+* ``gvsl_embed``: ``image`` FP32 ``[X, Y, Z]`` + ``affine`` FP64 ``[4, 4]`` (voxel ->
+  RAS mm, like NIfTI) -> ``embedding`` FP32 ``[C]``, and ``features`` FP32
+  ``[F, X, Y, Z]`` on the image's own grid when the client asks for that output
+  (dense features cost extra, so they are computed only on request);
+* ``gvsl_register``: ``fixed``, ``moving`` FP32 ``[X, Y, Z]`` + ``fixed_affine``,
+  ``moving_affine`` FP64 ``[4, 4]`` (+ optional ``init`` BYTES ``[1]``: ``world`` or
+  ``center``) -> ``affine`` FP64 ``[4, 4]`` (fixed RAS mm -> moving RAS mm),
+  ``matrix`` FP64 ``[3, 4]`` (the affine head, official convention), ``dvf`` FP32
+  ``[3, X, Y, Z]`` (pull-back field in RAS mm on the fixed grid), ``warped`` FP32
+  ``[X, Y, Z]`` (moving on the fixed grid), ``metrics`` FP64 ``[5]``
+  (:data:`METRICS`).
+
+Every tensor has Triton's batch dimension in front (``max_batch_size`` > 0,
+dynamic batching). Triton itself refuses wrong dtypes and ranks before a request
+reaches gvsl; gvsl refuses NaN/Inf, degenerate affines, volumes over
+``max_voxels`` and requests over ``max_request_mb`` with one line that starts with
+:data:`ERROR_PREFIX`. A batch where every request is bad fails as a Triton error;
+in a batch that mixes good and bad requests (PyTriton cannot fail single requests
+of a batch) the good ones get their results and the bad ones get only the
+``error`` output (BYTES, empty on success), which :mod:`gvsl.runtime.client`
+always asks for.
+
+This module is torch-free and imports PyTriton only inside functions, so the
+client can share its names without PyTriton installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import GvslInputError
+from .io import DEFAULT_MAX_VOXELS
+
+__all__ = [
+    "EMBED_MODEL",
+    "ERROR_OUTPUT",
+    "ERROR_PREFIX",
+    "METRICS",
+    "REGISTER_MODEL",
+    "ServeError",
+    "ServeOptions",
+    "interpreter_problem",
+    "serve",
+]
+
+EMBED_MODEL = "gvsl_embed"
+REGISTER_MODEL = "gvsl_register"
+ERROR_OUTPUT = "error"
+#: every gvsl-side refusal starts with this, inside Triton's own error text too
+ERROR_PREFIX = "gvsl-error: "
+#: order of ``gvsl_register``'s ``metrics`` output (keys of ``Registration.metrics``)
+METRICS = ("ncc_before", "ncc_after", "jacobian_min", "folding_percent", "max_displacement_mm")
+INITS = ("world", "center")
+
+LOG = logging.getLogger("gvsl.serve")
+
+
+class ServeError(GvslInputError):
+    """The server cannot start or run as asked (interpreter, ports, model). One line."""
+
+
+class RequestError(Exception):
+    """One request is bad; the message is what its client reads."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ERROR_PREFIX + " ".join(str(message).split()))
+
+
+# ----------------------------------------------------------------------------- options
+@dataclass
+class ServeOptions:
+    """Everything ``gvsl serve`` configures. Ports 0 are not allowed: Triton needs fixed ports."""
+
+    model: Path
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    instances: int = 1
+    max_batch: int = 4
+    queue_delay_us: int = 2000
+    max_request_mb: float = 1024.0
+    max_voxels: int = DEFAULT_MAX_VOXELS
+    backend: str = "auto"
+    device: str = "auto"
+    threads: int = 0
+    overlap: float = 0.5
+    window_batch: int = 1
+    init: str = "world"
+    exit_timeout: int = 10
+    log_verbose: int = 0
+    log_file: Path | None = None
+    models: tuple[str, ...] = (EMBED_MODEL, REGISTER_MODEL)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        ports = {"--http-port": self.http_port, "--grpc-port": self.grpc_port, "--metrics-port": self.metrics_port}
+        for name, p in ports.items():
+            if not 1 <= int(p) <= 65535:
+                raise ServeError(f"{name} {p}: give a port between 1 and 65535")
+        if len(set(ports.values())) != 3:
+            raise ServeError(f"--http-port, --grpc-port and --metrics-port must differ, got {sorted(ports.values())}")
+        for name, v, lo in (
+            ("--instances", self.instances, 1),
+            ("--max-batch", self.max_batch, 1),
+            ("--max-voxels", self.max_voxels, 8),
+            ("--window-batch", self.window_batch, 1),
+        ):
+            if int(v) < lo:
+                raise ServeError(f"{name} {v}: must be at least {lo}")
+        if not self.max_request_mb > 0:
+            raise ServeError(f"--max-request-mb {self.max_request_mb}: must be positive")
+        if self.queue_delay_us < 0:
+            raise ServeError(f"--queue-delay-us {self.queue_delay_us}: must be >= 0")
+        if self.init not in INITS:
+            raise ServeError(f"--init {self.init}: use one of {', '.join(INITS)}")
+        if not self.models:
+            raise ServeError("no model to serve")
+
+
+# ----------------------------------------------------------------------------- interpreter
+def _ldd_libpython(stub: Path, lib_dirs: Sequence[Path]) -> Path | None:
+    """The libpython the Triton Python-backend stub will load (``ldd`` with the library
+    path PyTriton gives the server); None when ldd cannot tell."""
+    ldd = shutil.which("ldd")
+    if ldd is None:
+        return None
+    env = dict(os.environ)
+    extra = ":".join(str(d) for d in lib_dirs)
+    env["LD_LIBRARY_PATH"] = f"{env['LD_LIBRARY_PATH']}:{extra}" if env.get("LD_LIBRARY_PATH") else extra
+    try:
+        out = subprocess.run([ldd, str(stub)], capture_output=True, text=True, env=env, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.stdout.splitlines():
+        m = re.match(r"\s*(libpython\S+)\s+=>\s+(\S+)", line)
+        if m:
+            return None if m.group(2) == "not" else Path(m.group(2))
+    return None
+
+
+def library_python_version(lib: Path) -> str | None:
+    """``"3.11.2"``: the version compiled into a libpython (``Py_GetVersion``), read in a
+    throw-away process so the library never shares this interpreter's address space."""
+    code = (
+        "import ctypes, sys; f = ctypes.CDLL(sys.argv[1]).Py_GetVersion; f.restype = ctypes.c_char_p; "
+        "print(f().decode().split()[0])"
+    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(lib)], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    v = out.stdout.strip()
+    return v if out.returncode == 0 and re.fullmatch(r"\d+\.\d+\.\d+\S*", v) else None
+
+
+def interpreter_problem(stub: Path | None = None, lib_dirs: Sequence[Path] | None = None) -> str | None:
+    """Why this interpreter cannot run ``gvsl serve``, or None when it can.
+
+    Triton's Python backend runs the models in a *stub* process that embeds
+    ``libpython3.X.so`` (whichever the dynamic loader finds) but imports the
+    standard library and packages of this interpreter. When the two versions
+    differ (a pyenv/conda Python built without a shared libpython, next to the
+    system's), the stub fails at model load, e.g. with ``'_thread.RLock' object
+    has no attribute '_recursion_count'``. This finds the stub's libpython the way
+    the loader will and compares versions. ``stub``/``lib_dirs`` default to
+    PyTriton's own (tests pass another interpreter's).
+    """
+    here = sys.version.split()[0]
+    if stub is None:
+        try:
+            from pytriton.utils.distribution import get_libs_path, get_stub_path
+        except ImportError:
+            return (
+                f"nvidia-pytriton is not installed for {sys.executable} (Python {here}); install gvsl[serve] in a "
+                "venv made from a Python whose libpython matches (README: gvsl serve) and pass --python "
+                "VENV/bin/python or set GVSL_SERVE_PYTHON"
+            )
+        stub = Path(get_stub_path(f"{sys.version_info.major}.{sys.version_info.minor}"))
+        lib_dirs = [Path(get_libs_path())]
+    if not stub.is_file():
+        return (
+            f"PyTriton ships no Triton Python-backend stub for Python {sys.version_info.major}."
+            f"{sys.version_info.minor} ({stub}); make the serve venv from Python 3.8-3.13"
+        )
+    lib = _ldd_libpython(stub, list(lib_dirs or []))
+    if lib is None:
+        return (
+            f"the Triton Python-backend stub {stub} finds no libpython{sys.version_info.major}."
+            f"{sys.version_info.minor}.so; install it (Debian: apt-get install libpython3.{sys.version_info.minor}) "
+            "or make the serve venv from a Python built with --enable-shared"
+        )
+    found = library_python_version(lib)
+    if found is None or found == here:
+        return None
+    return (
+        f"Python {here} ({sys.executable}) cannot run gvsl serve: Triton's Python-backend stub loads {lib} "
+        f"(Python {found}), and mixing the two fails at model load; make the serve venv from the Python that owns "
+        f"that library (e.g. `{_system_python_hint()} -m venv build/serve-venv`, then "
+        "`build/serve-venv/bin/pip install -e .[cpu,serve]`) and pass --python build/serve-venv/bin/python"
+    )
+
+
+def _system_python_hint() -> str:
+    v = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    return f"/usr/bin/{v}" if Path(f"/usr/bin/{v}").exists() else v
+
+
+# ----------------------------------------------------------------------------- model handlers
+def _request_bytes(req: Any) -> int:
+    return int(sum(np.asarray(v).nbytes for v in req.data.values()))
+
+
+def _volume(arr: np.ndarray, affine: np.ndarray, name: str, max_voxels: int) -> Any:
+    from .io import read_volume
+
+    try:
+        return read_volume((arr, affine), max_voxels=max_voxels, name=name)
+    except GvslInputError as e:
+        raise RequestError(str(e)) from None
+
+
+def _decode(value: Any) -> str:
+    v = value.item() if isinstance(value, np.ndarray) else value
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
+
+class _Handler:
+    """A PyTriton inference callable over a list of requests (one Triton batch).
+
+    Each request may itself carry several volumes (its batch dimension); they are
+    processed one at a time with the runtime, exactly as in-process calls.
+    """
+
+    model_name = "?"
+
+    def __init__(self, opts: ServeOptions) -> None:
+        self.max_voxels = int(opts.max_voxels)
+        self.max_bytes = int(opts.max_request_mb * 1024 * 1024)
+
+    def one(self, req: Any) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def __call__(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
+        results: list[dict[str, np.ndarray]] = []
+        errors: list[str | None] = []
+        for req in requests:
+            try:
+                size = _request_bytes(req)
+                if size > self.max_bytes:
+                    raise RequestError(
+                        f"{self.model_name}: request is {size / 2**20:.1f} MiB, more than this server's limit of "
+                        f"{self.max_bytes / 2**20:.0f} MiB (--max-request-mb); crop or downsample the volume"
+                    )
+                out = self.one(req)
+                out[ERROR_OUTPUT] = np.full((len(next(iter(out.values()))), 1), b"", dtype=object)
+                results.append(out)
+                errors.append(None)
+            except RequestError as e:
+                results.append({})
+                errors.append(str(e))
+            except MemoryError:
+                results.append({})
+                errors.append(f"{ERROR_PREFIX}{self.model_name}: out of memory on the server; send a smaller volume")
+            except Exception as e:  # noqa: BLE001 - one request must not take the others down
+                LOG.error("%s: request failed:\n%s", self.model_name, traceback.format_exc())
+                msg = " ".join(str(e).split())[:300]
+                results.append({})
+                errors.append(f"{ERROR_PREFIX}{self.model_name}: internal error ({type(e).__name__}: {msg})")
+        if all(e is not None for e in errors):
+            # a Triton error for every request (the usual case: a batch of one bad request)
+            raise RuntimeError(" | ".join(dict.fromkeys(e for e in errors if e)))
+        for k, e in enumerate(errors):
+            if e is not None:  # mixed batch: PyTriton cannot fail one request alone
+                n = max(1, len(next(iter(requests[k].data.values()))))
+                results[k] = {ERROR_OUTPUT: np.full((n, 1), e.encode(), dtype=object)}
+        return results
+
+
+class EmbedHandler(_Handler):
+    """``gvsl_embed``: :meth:`Embedder.embed` on ``(image, affine)``, dense features on request."""
+
+    model_name = EMBED_MODEL
+
+    def __init__(self, embedder: Any, opts: ServeOptions) -> None:
+        super().__init__(opts)
+        self.embedder = embedder
+
+    def one(self, req: Any) -> dict[str, np.ndarray]:
+        from .preprocess import preprocess
+
+        images, affines = req["image"], req["affine"]
+        dense = "features" in (req.requested_output_names or ())
+        emb, feats = [], []
+        for k in range(images.shape[0]):
+            vol = _volume(images[k], affines[k], f"{EMBED_MODEL} input 'image'", self.max_voxels)
+            try:
+                pre = preprocess(vol, self.embedder.info.preprocess)
+                res = self.embedder.embed_prepared(vol, pre, dense=dense, grid="input")
+            except GvslInputError as e:
+                raise RequestError(f"{EMBED_MODEL}: {e}") from None
+            emb.append(res.embedding)
+            if dense:
+                feats.append(res.features)
+        out = {"embedding": np.stack(emb)}
+        if dense:
+            out["features"] = np.stack(feats)
+        return out
+
+
+class RegisterHandler(_Handler):
+    """``gvsl_register``: :meth:`Registrar.register` on the fixed and moving volumes."""
+
+    model_name = REGISTER_MODEL
+
+    def __init__(self, registrars: dict[str, Any], opts: ServeOptions) -> None:
+        super().__init__(opts)
+        self.registrars = registrars
+        self.default_init = opts.init
+
+    def one(self, req: Any) -> dict[str, np.ndarray]:
+        fixed, moving = req["fixed"], req["moving"]
+        faff, maff = req["fixed_affine"], req["moving_affine"]
+        if fixed.shape[0] != moving.shape[0]:
+            raise RequestError(f"{REGISTER_MODEL}: {fixed.shape[0]} fixed but {moving.shape[0]} moving volumes")
+        inits = req.data.get("init")
+        keys = ("affine", "matrix", "dvf", "warped", "metrics")
+        out: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+        for k in range(fixed.shape[0]):
+            init = _decode(inits[k]) if inits is not None else self.default_init
+            if init not in self.registrars:
+                raise RequestError(f"{REGISTER_MODEL}: init {init!r} is not one of {', '.join(INITS)}")
+            f = _volume(fixed[k], faff[k], f"{REGISTER_MODEL} input 'fixed'", self.max_voxels)
+            m = _volume(moving[k], maff[k], f"{REGISTER_MODEL} input 'moving'", self.max_voxels)
+            try:
+                res = self.registrars[init].register(f, m)
+            except GvslInputError as e:
+                raise RequestError(f"{REGISTER_MODEL}: {e}") from None
+            out["affine"].append(res.world_matrix)
+            out["matrix"].append(res.matrix)
+            out["dvf"].append(res.dvf_mm)
+            out["warped"].append(res.warped)
+            out["metrics"].append(np.array([res.metrics[name] for name in METRICS], dtype=np.float64))
+        return {k: np.stack(v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- tensors
+def _embed_tensors(has_dense: bool, embedding_dim: int, feature_dim: int) -> tuple[list, list]:
+    from pytriton.model_config import Tensor
+
+    inputs = [
+        Tensor(name="image", dtype=np.float32, shape=(-1, -1, -1)),
+        Tensor(name="affine", dtype=np.float64, shape=(4, 4)),
+    ]
+    outputs = [Tensor(name="embedding", dtype=np.float32, shape=(embedding_dim,))]
+    if has_dense:
+        outputs.append(Tensor(name="features", dtype=np.float32, shape=(feature_dim, -1, -1, -1)))
+    outputs.append(Tensor(name=ERROR_OUTPUT, dtype=bytes, shape=(1,)))
+    return inputs, outputs
+
+
+def _register_tensors() -> tuple[list, list]:
+    from pytriton.model_config import Tensor
+
+    inputs = [
+        Tensor(name="fixed", dtype=np.float32, shape=(-1, -1, -1)),
+        Tensor(name="fixed_affine", dtype=np.float64, shape=(4, 4)),
+        Tensor(name="moving", dtype=np.float32, shape=(-1, -1, -1)),
+        Tensor(name="moving_affine", dtype=np.float64, shape=(4, 4)),
+        Tensor(name="init", dtype=bytes, shape=(1,), optional=True),
+    ]
+    outputs = [
+        Tensor(name="affine", dtype=np.float64, shape=(4, 4)),
+        Tensor(name="matrix", dtype=np.float64, shape=(3, 4)),
+        Tensor(name="dvf", dtype=np.float32, shape=(3, -1, -1, -1)),
+        Tensor(name="warped", dtype=np.float32, shape=(-1, -1, -1)),
+        Tensor(name="metrics", dtype=np.float64, shape=(len(METRICS),)),
+        Tensor(name=ERROR_OUTPUT, dtype=bytes, shape=(1,)),
+    ]
+    return inputs, outputs
+
+
+# ----------------------------------------------------------------------------- server
+class _RefusalFilter(logging.Filter):
+    """PyTriton logs a full traceback for every failed batch; for gvsl's own refusals
+    (bad input, not a server fault) one warning line is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if ERROR_PREFIX in text:
+            line = text[text.index(ERROR_PREFIX) :].splitlines()[0]
+            record.msg, record.args, record.exc_info, record.levelno = "refused: %s", (line,), None, logging.WARNING
+            record.levelname = "WARNING"
+        return True
+
+
+class _Stop(Exception):
+    """Raised in the main thread by SIGTERM/SIGINT to leave the serving loop."""
+
+
+_NOISE = ("NVML", "DCGM", "CudaDriverHelper", "pinned memory", "config modification time")
+
+
+def _last_error_line(text: str) -> str:
+    """The line of Triton's log that says why it did not start: its first error line
+    (``E1130 ... file.cc:123] "failed to start HTTP service: ..."``), else the last
+    Python exception line; GPU-less noise (NVML, DCGM, CUDA driver) is skipped."""
+    lines = [ln.strip() for ln in text.replace("\\n", "\n").splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not any(n in ln for n in _NOISE)]
+    for ln in lines:
+        m = re.match(r'E\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] "?(.*?)"?$', ln)
+        if m and "Traceback" not in m.group(1):  # a Python traceback: its last line says more
+            return m.group(1)[:300]
+    for ln in reversed(lines):
+        if re.search(r"(Error|Exception)\b.*:", ln) and "Traceback" not in ln:
+            return ln[:300]
+    return lines[-1][:300] if lines else "no log"
+
+
+def build_handlers(opts: ServeOptions) -> dict[str, tuple[Callable, list, list]]:
+    """``{model name: (handler, inputs, outputs)}`` with the runtime objects loaded once
+    and shared by every instance (Embedder and Registrar are thread-safe)."""
+    from .embed import Embedder
+    from .register import Registrar
+
+    out: dict[str, tuple[Callable, list, list]] = {}
+    backend_options: dict[str, Any] = {"threads": opts.threads, **opts.extra}
+    if EMBED_MODEL in opts.models:
+        embedder = Embedder(
+            opts.model,
+            opts.backend,
+            opts.device,
+            overlap=opts.overlap,
+            window_batch=opts.window_batch,
+            max_voxels=opts.max_voxels,
+            **backend_options,
+        )
+        info = embedder.info
+        ins, outs = _embed_tensors(embedder.has_dense, info.embedding_dim, info.feature_dim)
+        out[EMBED_MODEL] = (EmbedHandler(embedder, opts), ins, outs)
+    if REGISTER_MODEL in opts.models:
+        first = Registrar(
+            opts.model, opts.backend, opts.device, init="world", max_voxels=opts.max_voxels, **backend_options
+        )
+        regs = {"world": first, "center": Registrar(first.backend, init="center", max_voxels=opts.max_voxels)}
+        ins, outs = _register_tensors()
+        out[REGISTER_MODEL] = (RegisterHandler(regs, opts), ins, outs)
+    return out
+
+
+def serve(opts: ServeOptions, on_ready: Callable[[dict[str, str]], None] | None = None) -> int:
+    """Start Triton with the gvsl models, block until SIGINT/SIGTERM, stop cleanly.
+
+    Returns 0 after a requested stop, 1 when the server died on its own.
+    ``on_ready`` receives the endpoints once every model is loaded.
+    """
+    opts.check()
+    for name, port in (("--http-port", opts.http_port), ("--grpc-port", opts.grpc_port),
+                       ("--metrics-port", opts.metrics_port)):  # fmt: skip
+        _check_port(opts.host, port, name)
+    problem = interpreter_problem()
+    if problem:
+        raise ServeError(problem)
+    from pytriton.model_config import DynamicBatcher, ModelConfig
+    from pytriton.triton import Triton, TritonConfig
+
+    handlers = build_handlers(opts)
+    logging.getLogger("pytriton.proxy.inference").addFilter(_RefusalFilter())
+    config = TritonConfig(
+        http_address=opts.host,
+        http_port=opts.http_port,
+        grpc_address=opts.host,
+        grpc_port=opts.grpc_port,
+        metrics_address=opts.host,
+        metrics_port=opts.metrics_port,
+        exit_timeout_secs=opts.exit_timeout,
+        log_verbose=opts.log_verbose,
+        log_file=opts.log_file,
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if not stop.is_set():
+            stop.set()
+            raise _Stop(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    triton = Triton(config=config)
+    died = False
+    try:
+        for name, (handler, ins, outs) in handlers.items():
+            triton.bind(
+                model_name=name,
+                infer_func=[handler] * opts.instances,  # one Triton instance per entry, same shared runtime
+                inputs=ins,
+                outputs=outs,
+                config=ModelConfig(
+                    max_batch_size=opts.max_batch,
+                    batcher=DynamicBatcher(max_queue_delay_microseconds=opts.queue_delay_us),
+                ),
+                strict=False,
+            )
+        try:
+            triton.run()
+        except _Stop:
+            raise
+        except Exception as e:  # noqa: BLE001 - startup failure: one line with the server's reason
+            server = getattr(triton, "_triton_server", None)
+            logs = server.logs() if server is not None else ""
+            if opts.log_file is not None and Path(opts.log_file).is_file():
+                logs += Path(opts.log_file).read_text(errors="replace")
+            why = _last_error_line(logs) if logs else " ".join(str(e).split())[:300]
+            raise ServeError(f"Triton could not start the gvsl models: {why}") from None
+        endpoints = {
+            "http": f"http://{opts.host}:{opts.http_port}",
+            "grpc": f"grpc://{opts.host}:{opts.grpc_port}",
+            "metrics": f"http://{opts.host}:{opts.metrics_port}/metrics",
+        }
+        if on_ready is not None:
+            on_ready(endpoints)
+        while not stop.is_set():
+            if not triton.is_alive():
+                died = True
+                break
+            stop.wait(0.5)
+    except _Stop:
+        pass
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            triton.stop()
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+            for name, (handler, _, _) in handlers.items():
+                objs = [handler.embedder] if name == EMBED_MODEL else list(handler.registrars.values())[:1]
+                for o in objs:
+                    o.close()
+    return 1 if died else 0
+
+
+def _check_port(host: str, port: int, option: str) -> None:
+    """Refuse a port someone already listens on now, with one line (Triton itself would
+    only fail after PyTriton's minute-long start-up wait)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Triton binds: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            why = e.strerror or str(e)
+            raise ServeError(f"{option} {port}: cannot listen on {host}:{port} ({why}); pick another port") from None
+
+
+def free_ports(n: int = 3, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct ports free on ``host`` right now (for tests and benchmarks)."""
+    import socket
+
+    socks, ports = [], []
+    try:
+        while len(ports) < n:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def wait_ready(
+    url: str,
+    models: Sequence[str] = (EMBED_MODEL, REGISTER_MODEL),
+    timeout: float = 60.0,
+    alive: Callable[[], bool] | None = None,
+) -> None:
+    """Block until the server at ``url`` (``host:port`` HTTP) reports every model ready."""
+    import tritonclient.http as http
+
+    deadline = time.monotonic() + timeout
+    last = "not contacted"
+    while time.monotonic() < deadline:
+        if alive is not None and not alive():
+            raise ServeError(f"gvsl serve exited before it was ready ({last})")
+        try:
+            client = http.InferenceServerClient(url, connection_timeout=2.0, network_timeout=5.0)
+            try:
+                if client.is_server_ready() and all(client.is_model_ready(m) for m in models):
+                    return
+                last = "models loading"
+            finally:
+                client.close()
+        except Exception as e:  # noqa: BLE001 - not up yet
+            last = f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
+        time.sleep(0.25)
+    raise ServeError(f"gvsl serve at {url} not ready after {timeout:.0f} s ({last})")

@@ -1,0 +1,125 @@
+"""`gvsl demo` end to end at tiny size, the shipped default model (loads from package files,
+finite and deterministic embeddings, used by `gvsl embed` / `gvsl register` without --model,
+within its size budget), and the registration benchmark at tiny size."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from gvsl.cli.main import app
+from gvsl.runtime.default_model import default_model_dir
+from gvsl.synth import SAMPLE_LABELS, SAMPLE_T1
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+CROP = (slice(16, 64), slice(24, 72), slice(16, 64))  # 48^3 at 2 mm: one window of the default model
+
+
+@pytest.fixture(scope="module")
+def small_sample(tmp_path_factory) -> tuple[Path, Path]:
+    """A 48^3 crop of the bundled 2 mm sample (T1, labels), so the default model runs one window."""
+    folder = tmp_path_factory.mktemp("sample")
+    out = []
+    for src, name in ((SAMPLE_T1, "t1.nii.gz"), (SAMPLE_LABELS, "t1_labels.nii.gz")):
+        img = nib.load(src)
+        aff = img.affine.copy()
+        aff[:3, 3] = aff[:3, :3] @ np.array([c.start for c in CROP]) + aff[:3, 3]
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[CROP], aff), folder / name)
+        out.append(folder / name)
+    return out[0], out[1]
+
+
+def test_default_model_is_shipped_small_and_documented():
+    d = default_model_dir()
+    files = {p.name: p.stat().st_size for p in d.iterdir()}
+    model_bytes = sum(files[f] for f in ("model.safetensors", "encoder.onnx", "registration.onnx"))
+    assert model_bytes <= 20 * 1024 * 1024, files
+    prov = (d / "PROVENANCE.md").read_text()
+    for must in ("benchmarks/train_default.sh", "ICBM152", "nibabel", "iterations", "final"):
+        assert must in prov
+    meta = json.loads((d / "model.json").read_text())
+    assert meta["train"]["steps"] > 0 and meta["preprocess"]["modality"] == "mr"
+
+
+def test_default_model_embeds_finite_and_deterministic(small_sample):
+    from gvsl.runtime.embed import Embedder
+
+    with Embedder(default_model_dir(), "onnxruntime", "cpu") as e:
+        a = e.embed(str(small_sample[0])).embedding
+        b = e.embed(str(small_sample[0])).embedding
+    assert a.shape == (96,) and np.isfinite(a).all() and np.abs(a).sum() > 0
+    np.testing.assert_array_equal(a, b)
+
+
+def test_embed_and_register_without_model_use_the_default(small_sample, tmp_path):
+    t1, labels = small_sample
+    r = runner.invoke(app, ["embed", str(t1), "-o", str(tmp_path / "emb"), "-q"])
+    assert r.exit_code == 0, r.output
+    emb = np.load(tmp_path / "emb" / "t1.npy")
+    assert emb.shape == (96,) and np.isfinite(emb).all()
+    r = runner.invoke(
+        app,
+        [
+            "register",
+            str(t1),
+            str(t1),
+            "-o",
+            str(tmp_path / "w.nii.gz"),
+            "--labels",
+            str(labels),
+            "--metrics",
+            str(tmp_path / "m.json"),
+            "-q",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "m.json").read_text())
+    # finite figures and a warped image on the fixed grid; quality is measured in EVALUATION.md
+    # (this small model does not even leave an identical pair untouched: NCC 0.88 on this crop)
+    assert 0.0 < m["ncc_after"] <= 1.0 and np.isfinite(m["jacobian_min"])
+    assert nib.load(tmp_path / "w.nii.gz").shape == nib.load(t1).shape
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    r = runner.invoke(app, ["demo", "-o", str(out), "--subjects", "3", "--iterations", "6", "-q"])
+    assert r.exit_code == 0, r.output
+    for f in (
+        "summary.md",
+        "summary.json",
+        "registration.png",
+        "deformation.png",
+        "embedding_similarity.png",
+        "registration_default_model.png",
+        "deformation_default_model.png",
+        "warped.nii.gz",
+        "dvf.nii.gz",
+    ):
+        assert (out / f).is_file(), f
+    s = json.loads((out / "summary.json").read_text())
+    assert s["train"]["iterations"] == 6 and set(s["registration"]) == {"demo", "default"}
+    for m in s["registration"].values():
+        assert all(np.isfinite(m[k]) for k in ("ncc_before", "ncc_after", "dice_gm_after", "folding_percent"))
+    assert nib.load(out / "warped.nii.gz").shape == nib.load(out / "subjects" / "subject_000.nii.gz").shape
+    assert "| demo (trained above) |" in (out / "summary.md").read_text()
+    r = runner.invoke(app, ["demo", "-o", str(out)])
+    assert r.exit_code == 2 and "not an empty folder" in r.output
+
+
+@pytest.mark.slow
+def test_registration_benchmark_runs_tiny(tmp_path):
+    spec = importlib.util.spec_from_file_location("eval_registration", ROOT / "benchmarks" / "eval_registration.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(["-o", str(tmp_path), "--pairs", "1", "--spacing", "4", "--source", "sample", "--methods", "gvsl"])
+    (row,) = res["rows"]
+    assert row["method"] == "gvsl" and 0.0 <= row["dice_gm_after"] <= 1.0 and row["seconds"] > 0
+    assert (tmp_path / "registration.md").read_text().startswith("| method |")
