@@ -32,6 +32,7 @@ client can share its names without PyTriton installed.
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import re
@@ -248,7 +249,7 @@ def _decode(value: Any) -> str:
     return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
 
 
-class _Handler:
+class _Handler(abc.ABC):
     """A PyTriton inference callable over a list of requests (one Triton batch).
 
     Each request may itself carry several volumes (its batch dimension); they are
@@ -261,8 +262,9 @@ class _Handler:
         self.max_voxels = int(opts.max_voxels)
         self.max_bytes = int(opts.max_request_mb * 1024 * 1024)
 
+    @abc.abstractmethod
     def one(self, req: Any) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """Outputs for one request (subclasses: embed, register)."""
 
     def __call__(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
         results: list[dict[str, np.ndarray]] = []
