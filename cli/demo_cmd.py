@@ -51,7 +51,7 @@ def synth(
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (new or empty).")] = Path("gvsl-demo"),
     subjects: Annotated[int, typer.Option(help="Synthetic subjects made from the bundled sample.")] = 6,
-    iterations: Annotated[int, typer.Option(help="Training iterations (about a minute on a laptop CPU).")] = 120,
+    iterations: Annotated[int, typer.Option(help="Training iterations (about a minute on 2 CPU cores).")] = 30,
     spacing: Annotated[float, typer.Option(help="Voxel size of the demo in mm.")] = 4.0,
     patch_size: Annotated[int, typer.Option(help="Training crop size (multiple of 16).")] = 32,
     widths: Annotated[str, typer.Option(help="U-Net widths: tiny, small, default or nine numbers.")] = "tiny",
