@@ -9,8 +9,6 @@ read with ``torch.load(weights_only=True)``, which refuses pickled code.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import torch
 from gvsl import __version__
 from gvsl.config import ConfigError, ModelConfig
 from gvsl.model import GVSL
+from gvsl.runtime.io import atomic_write  # the one temp-then-rename writer (torch-free)
 
 __all__ = [
     "WeightsError",
@@ -35,21 +34,6 @@ CONFIG_NAME = "model.json"
 
 class WeightsError(ValueError):
     """Weights that cannot be loaded; the message names the file and the fix."""
-
-
-def atomic_write(path: str | Path, write: Any, suffix: str | None = None) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_model(
