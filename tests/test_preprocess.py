@@ -89,6 +89,50 @@ def test_load_applies_scaling_and_squeezes_trailing_singletons(tmp_path):
     np.testing.assert_allclose(vol.data, raw[..., 0] * 0.5 + 10.0)
 
 
+@pytest.mark.parametrize(
+    "dtype,klass,shape",
+    [
+        ("<i2", nib.Nifti1Image, (20, 18, 16)),
+        (">i2", nib.Nifti1Image, (20, 18, 16)),  # big-endian file
+        ("u1", nib.Nifti2Image, (20, 18, 16)),
+        ("<f8", nib.Nifti1Image, (20, 18, 16, 1)),  # trailing singleton
+    ],
+)
+def test_gz_fast_read_matches_nibabel_and_keeps_file_layout(tmp_path, dtype, klass, shape):
+    """``.nii.gz`` is inflated by ISA-L (when installed) straight into the stored layout:
+    same values as nibabel's reader, x-fastest (no transpose at load time)."""
+    raw = np.random.default_rng(0).integers(0, 200, size=shape).astype(dtype)
+    img = klass(raw, np.diag([0.9, 1.1, 1.3, 1.0]))
+    img.set_data_dtype(np.dtype(dtype))
+    nib.save(img, tmp_path / "v.nii.gz")
+    vol = load_volume(tmp_path / "v.nii.gz")
+    expect = nib.load(tmp_path / "v.nii.gz").get_fdata(dtype=np.float32).reshape(shape[:3])
+    assert vol.data.dtype == np.float32 and vol.data.flags.f_contiguous
+    np.testing.assert_array_equal(vol.data, expect)
+
+
+def test_gz_with_short_voxel_data_is_reported(tmp_path):
+    """An intact gzip stream whose NIfTI holds fewer voxel bytes than its header says."""
+    p = _write(tmp_path / "v.nii", np.ones((16, 16, 16), np.int16))
+    (tmp_path / "short.nii.gz").write_bytes(gzip.compress(p.read_bytes()[:-100]))
+    with pytest.raises(GvslInputError, match="short.nii.gz.*(corrupt|truncated)"):
+        load_volume(tmp_path / "short.nii.gz")
+
+
+def test_preprocess_of_x_fastest_data_equals_c_order(mni_t1_path):
+    """Files keep NIfTI's x-fastest layout; preprocessing resamples the reversed view.
+    Same result as on a C-ordered copy (up to float rounding) and C-contiguous output."""
+    img = nib.load(mni_t1_path)
+    data = np.asarray(img.dataobj, dtype=np.float32)[::2, ::2, ::2]
+    aff = np.diag([-1.4, 1.8, 2.2, 1.0])  # LAS: the x axis is flipped by reorientation
+    fortran, c_order = np.asfortranarray(data), np.ascontiguousarray(data)
+    for cfg in (PreprocessConfig(spacing=(1.7, 2.3, 2.9), modality="mr"), PreprocessConfig(spacing=None)):
+        a, b = preprocess(Volume(fortran, aff), cfg), preprocess(Volume(c_order, aff), cfg)
+        assert a.data.flags.c_contiguous and a.data.shape == b.data.shape
+        np.testing.assert_allclose(a.data, b.data, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(a.affine, b.affine, atol=1e-12)
+
+
 def _write(path: Path, data, affine=None) -> Path:
     nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4) if affine is None else affine), path)
     return path
