@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .errors import GvslInputError
 
-__all__ = ["default_model_dir", "resolve_model"]
+__all__ = ["default_model_dir", "resolve_model", "sample_volume"]
 
 _FILES = ("encoder.onnx", "registration.onnx", "manifest.json")
 
@@ -38,3 +38,12 @@ def default_model_dir() -> Path:
 def resolve_model(model: str | Path | None) -> Path:
     """``model`` as given, or the shipped default when it is None."""
     return Path(model) if model is not None else default_model_dir()
+
+
+def sample_volume() -> Path:
+    """The bundled real sample (MNI ICBM152 2009a T1 at 2 mm; licence in ``assets/sample/NOTICE.md``):
+    the demo's input and the default int8 calibration volume."""
+    path = Path(str(resources.files("gvsl"))) / "assets" / "sample" / "mni152_2009a_t1_2mm.nii.gz"
+    if not path.is_file():
+        raise GvslInputError(f"{path}: the bundled sample volume is not installed; reinstall gvsl", str(path))
+    return path

@@ -87,6 +87,24 @@ def test_embed_and_register_without_model_use_the_default(small_sample, tmp_path
     assert nib.load(tmp_path / "w.nii.gz").shape == nib.load(t1).shape
 
 
+def test_embed_int8_flag_is_opt_in_cached_and_close_to_fp32(small_sample, tmp_path, monkeypatch):
+    """`gvsl embed --int8`: an int8 copy of the encoder (calibrated on the bundled sample by
+    default), cached once, whose embedding stays within cosine 0.99 of the fp32 one."""
+    monkeypatch.setenv("GVSL_CACHE_DIR", str(tmp_path / "cache"))
+    t1 = str(small_sample[0])
+    assert runner.invoke(app, ["embed", t1, "-o", str(tmp_path / "fp32"), "-q"]).exit_code == 0
+    r = runner.invoke(app, ["embed", t1, "-o", str(tmp_path / "int8"), "--int8", "-q"])
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "cache" / "int8").glob("*.onnx"))) == 1
+    a, b = np.load(tmp_path / "fp32" / "t1.npy"), np.load(tmp_path / "int8" / "t1.npy")
+    assert not np.array_equal(a, b)  # really a different graph
+    assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) >= 0.99
+    r = runner.invoke(app, ["embed", t1, "-o", str(tmp_path / "x"), "--int8-calibration", t1, "-q"])
+    assert r.exit_code != 0 and "--int8" in r.output
+    r = runner.invoke(app, ["embed", t1, "-o", str(tmp_path / "x"), "--int8", "--backend", "torch", "-q"])
+    assert r.exit_code != 0 and "ONNX Runtime" in r.output
+
+
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
