@@ -87,3 +87,20 @@ def parse_triple(text: str, what: str, cast: Callable[[str], Any] = int) -> tupl
     if len(parts) != 3:
         raise typer.BadParameter(f"{what} must be one number or three comma-separated numbers: {text!r}")
     return tuple(parts)  # type: ignore[return-value]
+
+
+def progress_bar(quiet: bool, elapsed: bool = False) -> Any:
+    """The rich progress bar every long command shows on stderr (off with ``--quiet``):
+    description, bar, done/total, a per-task ``info`` field and time left (or elapsed)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns: list[Any] = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn()]
+    columns += [TimeElapsedColumn()] if elapsed else [TextColumn("{task.fields[info]}"), TimeRemainingColumn()]
+    return Progress(*columns, console=err, disable=quiet, transient=False)

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from gvsl.cli.app import app, err, user_errors
+from gvsl.cli.app import app, err, progress_bar, user_errors
 
 
 def _shape4(text: str) -> tuple[int, int, int, int]:
@@ -76,8 +76,6 @@ def export(
     `gvsl export runs/ct -o export/trt --format all --precision fp16 --min-shape 1,64,64,64
     --opt-shape 1,128,128,128 --max-shape 4,128,128,128 --triton-repo models/`.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from gvsl.export.pipeline import ExportOptions, run_export
 
     opts = ExportOptions(
@@ -102,15 +100,7 @@ def export(
     )
     if verify_shape:
         opts.verify_shapes = tuple(_shape4(s) for s in verify_shape)
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        disable=quiet,
-        transient=False,
-    )
+    progress = progress_bar(quiet, elapsed=True)
     tasks: list[Any] = []  # the bar starts with the first step, so option errors print alone
 
     def on_step(label: str, done: int, total: int) -> None:

@@ -17,7 +17,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from gvsl.cli.app import app, err, user_errors
+from gvsl.cli.app import app, err, progress_bar, user_errors
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -39,21 +39,6 @@ def _shard(text: str | None) -> tuple[int, int]:
     if n < 1 or not 0 <= i < n:
         raise typer.BadParameter(f"--shard i/n needs 0 <= i < n, got {text!r}")
     return i, n
-
-
-def _progress(quiet: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(),
-        console=err,
-        disable=quiet,
-        transient=False,
-    )
 
 
 def _short(e: BaseException) -> str:
@@ -213,7 +198,7 @@ def embed(
             raise typer.BadParameter(
                 f"{server or model}: this encoder has no dense features output; drop --dense or re-export"
             )
-        with _progress(quiet) as progress, ThreadPoolExecutor(1) as reader:
+        with progress_bar(quiet) as progress, ThreadPoolExecutor(1) as reader:
             task = progress.add_task("embed", total=len(todo), info="")
             # read + preprocess the next input while the current one runs
             nxt: Future | None = reader.submit(embedder.prepare, todo[0].path)

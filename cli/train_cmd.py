@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from gvsl.cli.app import app, err, parse_triple, user_errors
+from gvsl.cli.app import app, err, parse_triple, progress_bar, user_errors
 
 
 @app.command()
@@ -24,6 +25,15 @@ def train(
     widths: Annotated[
         str, typer.Option(help="U-Net widths: default, small, tiny or nine comma-separated numbers.")
     ] = "default",
+    affine_width: Annotated[
+        int | None, typer.Option(help="Width of the affine head's conv (official 256; default: the preset's).")
+    ] = None,
+    deform_width: Annotated[
+        int | None, typer.Option(help="Width of the deformable head's conv (official 16; default: the preset's).")
+    ] = None,
+    restore_width: Annotated[
+        int | None, typer.Option(help="Width of the restoration head (official 16; default: the preset's).")
+    ] = None,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-4,
     w_ncc: Annotated[float, typer.Option(help="Weight of the local NCC (Z-matching) loss.")] = 1.0,
     w_mse: Annotated[float, typer.Option(help="Weight of the restoration MSE loss.")] = 1.0,
@@ -44,6 +54,14 @@ def train(
         bool, typer.Option(help="torch.compile the model (slow first steps, faster after).")
     ] = False,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="Switch spatial augmentation off.")] = False,
+    augment: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Override one augmentation setting, KEY=VALUE (repeatable; VALUE is JSON), e.g. "
+            "--augment p_damage=0.5 --augment 'rotation=[-0.2,0.2]'. Keys and defaults (GVSL_SPEC §4): "
+            "gvsl.augment.AugmentConfig.",
+        ),
+    ] = None,
     cache_dir: Annotated[
         Path | None, typer.Option(help="Cache of preprocessed volumes (default RUN/cache).")
     ] = None,
@@ -56,8 +74,6 @@ def train(
     Multi-GPU / multi-node: launch the same command with torchrun, e.g.
     `torchrun --nproc-per-node 4 -m gvsl.cli.main train DATA -o RUN`.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from gvsl.augment import AugmentConfig
     from gvsl.config import ModelConfig
     from gvsl.runtime.preprocess import PreprocessConfig
@@ -70,7 +86,9 @@ def train(
             spacing=None if spacing == "native" else parse_triple(spacing, "--spacing", float),
             modality=modality,
         )
-        acfg = AugmentConfig() if not no_augment else AugmentConfig(spatial=False)
+        acfg = AugmentConfig.from_dict(
+            {**({"spatial": False} if no_augment else {}), **_key_values(augment or [], "--augment")}
+        )
         cfg = TrainConfig(
             data=[str(d) for d in data],
             out=str(out),
@@ -78,9 +96,9 @@ def train(
             batch_size=batch_size,
             patch_size=parse_triple(patch_size, "--patch-size"),
             widths=list(mcfg.widths),
-            affine_width=mcfg.affine_width,
-            deform_width=mcfg.deform_width,
-            restore_width=mcfg.restore_width,
+            affine_width=mcfg.affine_width if affine_width is None else affine_width,
+            deform_width=mcfg.deform_width if deform_width is None else deform_width,
+            restore_width=mcfg.restore_width if restore_width is None else restore_width,
             lr=lr,
             loss={"ncc": w_ncc, "mse": w_mse, "smooth": w_smooth},
             checkpoint_every=checkpoint_every,
@@ -99,17 +117,7 @@ def train(
         err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         raise typer.Exit(2) from None
 
-    show = not quiet
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(),
-        console=err,
-        disable=not show,
-        transient=False,
-    )
+    progress = progress_bar(quiet)
     with progress:
         scan = progress.add_task("preprocess", total=None, info="")
         task = progress.add_task("train", total=iterations, info="", visible=False)
@@ -147,3 +155,18 @@ def train(
             f"done: {result.step} iterations, final loss {m.get('total', float('nan')):.4f}; "
             f"model in {result.model_dir}"
         )
+
+
+def _key_values(items: list[str], what: str) -> dict[str, Any]:
+    """``["p_shuffle=0", "rotation=[-0.2,0.2]"]`` -> ``{"p_shuffle": 0, "rotation": [-0.2, 0.2]}``
+    (values are JSON; a bare word stays a string)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{what} takes KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out

@@ -59,11 +59,17 @@ class ModelConfig:
         object.__setattr__(self, "widths", widths)
         if len(widths) != 9:
             raise ConfigError(f"widths needs 9 numbers (got {len(widths)}): {widths}")
-        for w in (*widths, self.affine_width, self.deform_width):
+        for w in widths:
             if w <= 0 or w % 8:
                 raise ConfigError(
                     f"every width must be a positive multiple of 8 (GroupNorm uses width/8 "
                     f"groups); got {w} in {widths}"
+                )
+        for name in ("affine_width", "deform_width"):
+            if getattr(self, name) <= 0 or getattr(self, name) % 8:
+                raise ConfigError(
+                    f"{name} must be a positive multiple of 8 (GroupNorm uses width/8 groups), "
+                    f"got {getattr(self, name)}"
                 )
         if self.restore_width <= 0 or self.restore_width % 4:
             raise ConfigError(f"restore_width must be a positive multiple of 4, got {self.restore_width}")

@@ -153,6 +153,25 @@ def test_cli_train_end_to_end(mni_dir, tmp_path):
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == 5
 
 
+def test_cli_train_head_widths_and_augment_overrides(mni_dir, tmp_path):
+    out = tmp_path / "run"
+    r = cli(
+        "train", mni_dir, "-o", out, "--iterations", "1", "--quiet", *TINY, "--affine-width", "24",
+        "--deform-width", "8", "--restore-width", "8", "--augment", "p_shuffle=0", "--augment", "rotation=[-0.1,0.1]",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["affine_width"], cfg["deform_width"], cfg["restore_width"]) == (24, 8, 8)
+    assert cfg["augment"]["p_shuffle"] == 0 and cfg["augment"]["rotation"] == [-0.1, 0.1]
+    assert cfg["augment"]["p_inpaint"] == 1.0  # untouched keys keep the spec's defaults
+    for bad, say in ((["--augment", "bogus=1"], "unknown augmentation keys"), (["--augment", "p_shuffle"], "KEY=VALUE"),
+                     (["--augment", "p_shuffle=2"], "probability"), (["--restore-width", "6"], "restore_width"),
+                     (["--deform-width", "12"], "deform_width")):  # fmt: skip
+        r = cli("train", mni_dir, "-o", tmp_path / "bad", "--iterations", "1", "--quiet", *TINY, *bad)
+        assert r.exit_code == 2 and say in r.output and "Traceback" not in r.output, (bad, r.output)
+        assert not (tmp_path / "bad" / "model").exists()
+
+
 def test_cli_help_explains():
     r = cli("train", "--help")
     assert r.exit_code == 0
