@@ -84,7 +84,9 @@ class AugmentConfig:
     elastic_alpha: Range = (0.0, 512.0)
     elastic_truncate: float = 4.0
     elastic_step: int = 0
-    # Models Genesis appearance damage (x1 only)
+    # Models Genesis appearance damage (x1 only). p_damage: chance that a sample is damaged at
+    # all (the spec: always); below 1, some steps register clean views, as inference does
+    p_damage: float = 1.0
     p_shuffle: float = 0.8
     shuffle_blocks: int = 5000
     shuffle_divisor: int = 20
@@ -500,7 +502,10 @@ def appearance_damage(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator)
     if x.ndim != 5:
         raise ValueError(f"expected [N, C, D, H, W], got {tuple(x.shape)}")
     _check_gen(gen, x.device)
-    out = x.clamp(0, 1)
+    clean = x.clamp(0, 1)
+    if cfg.p_damage <= 0:
+        return clean
+    out = clean
     if cfg.p_shuffle > 0:
         out = local_pixel_shuffle(
             out, gen, cfg.p_shuffle, cfg.shuffle_blocks, cfg.shuffle_divisor, cfg.shuffle_perms
@@ -512,6 +517,9 @@ def appearance_damage(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator)
             out, gen, cfg.p_inpaint, cfg.inpaint_max_boxes, cfg.inpaint_continue,
             cfg.inpaint_size, cfg.inpaint_margin,
         )
+    if cfg.p_damage < 1:  # drawn last, so p_damage = 1 leaves the random stream as it was
+        keep = torch.rand(x.shape[0], generator=gen, device=x.device) < cfg.p_damage
+        out = torch.where(keep.view(-1, *([1] * (x.ndim - 1))), out, clean)
     return out
 
 

@@ -298,3 +298,14 @@ def test_appearance_damage_is_seeded_and_leaves_input():
     assert not torch.allclose(a, x)
     off = appearance_damage(x, AugmentConfig(**NO_DAMAGE), gen(4))
     assert torch.equal(off, x)
+
+
+def test_p_damage_damages_that_share_of_samples_and_keeps_the_stream_at_one():
+    x = vol(64, 16, 0)
+    full = appearance_damage(x, AugmentConfig(), gen(7))
+    assert torch.equal(full, appearance_damage(x, AugmentConfig(p_damage=1.0), gen(7)))  # the spec's default
+    assert torch.equal(appearance_damage(x, AugmentConfig(p_damage=0.0), gen(7)), x.clamp(0, 1))
+    half = appearance_damage(x, AugmentConfig(p_damage=0.5), gen(7))
+    clean = torch.tensor([torch.equal(h, c) for h, c in zip(half, x.clamp(0, 1), strict=True)])
+    assert 16 <= int(clean.sum()) <= 48  # about half of 64 samples untouched
+    assert all(torch.equal(h, f) for h, f, c in zip(half, full, clean, strict=True) if not c)
