@@ -999,13 +999,16 @@ def bench_preprocess(
     cfg = PreprocessConfig(spacing=(1.0, 1.0, 1.0), modality="ct")
     cases: dict[str, Callable[[], Any]] = {}
     for fmt, p in files.items():
-        cases[f"gvsl read+reorient+resample+normalise (.{fmt})"] = lambda p=p: preprocess(load_volume(p), cfg)
+        # as Embedder.prepare and the training cache read files: integers stay integers until resampled
+        cases[f"gvsl read+reorient+resample+normalise (.{fmt})"] = lambda p=p: preprocess(
+            load_volume(p, keep_dtype=True), cfg
+        )
     if "nii.gz" in files:  # the same chain with nibabel's zlib reader instead of ISA-L: what the inflate buys
         pre_mod = importlib.import_module("gvsl.runtime.preprocess")
 
         def zlib_chain(p: Path = files["nii.gz"]) -> Any:
             with mock.patch.object(pre_mod, "_inflate_nifti", lambda *a: None):
-                return preprocess(load_volume(p), cfg)
+                return preprocess(load_volume(p, keep_dtype=True), cfg)
 
         cases["gvsl read+reorient+resample+normalise (.nii.gz, zlib inflate)"] = zlib_chain
     canon = to_canonical(load_volume(files[formats[0]]))

@@ -150,7 +150,7 @@ class VolumeCache:
             except (OSError, ValueError):
                 pass  # unreadable entry (e.g. disk was full): rebuild it
         self.misses += 1
-        vol = preprocess(load_volume(path, max_voxels=max_voxels), cfg)
+        vol = preprocess(load_volume(path, max_voxels=max_voxels, keep_dtype=True), cfg)
         self._write(entry, vol.data)
         return np.load(entry, mmap_mode="r")
 

@@ -145,7 +145,9 @@ class Embedder:
     def prepare(self, x: VolumeLike) -> tuple[Volume, Volume]:
         """(original volume, preprocessed volume) — reading and preprocessing only, so
         callers can prefetch the next input while the current one runs."""
-        vol = read_volume(x, max_voxels=self.max_voxels)
+        # the original's voxels are only preprocessed here (its grid is what is kept), so
+        # integer files stay integer and are converted while they are resampled
+        vol = read_volume(x, max_voxels=self.max_voxels, keep_dtype=True)
         return vol, preprocess(vol, self.info.preprocess)
 
     def windows(self, shape: Sequence[int]) -> tuple[tuple[int, int, int], list[tuple[slice, slice, slice]]]:

@@ -48,8 +48,11 @@ DEFAULT_MAX_VOXELS = 512 * 512 * 2048
 VolumeLike = Any  # str | PathLike | Volume | tuple[np.ndarray, np.ndarray]
 
 
-def read_volume(x: VolumeLike, max_voxels: int | None = DEFAULT_MAX_VOXELS, name: str | None = None) -> Volume:
-    """Any supported volume source -> validated float32 :class:`Volume` (original grid)."""
+def read_volume(
+    x: VolumeLike, max_voxels: int | None = DEFAULT_MAX_VOXELS, name: str | None = None, keep_dtype: bool = False
+) -> Volume:
+    """Any supported volume source -> validated float32 :class:`Volume` (original grid);
+    ``keep_dtype``: integer NIfTI data stays in its stored type (see :func:`load_volume`)."""
     if isinstance(x, Volume):
         vol = volume_from_array(x.data, x.affine, source=name or x.source)
     elif isinstance(x, tuple | list) and len(x) == 2 and not isinstance(x[0], str | os.PathLike):
@@ -63,7 +66,7 @@ def read_volume(x: VolumeLike, max_voxels: int | None = DEFAULT_MAX_VOXELS, name
                     f"{x}: folder holds no DICOM files; give a NIfTI file or a DICOM series folder", str(x)
                 )
             return load_dicom_series(p, max_voxels=max_voxels)
-        return load_volume(p, max_voxels=max_voxels)
+        return load_volume(p, max_voxels=max_voxels, keep_dtype=keep_dtype)
     else:
         raise GvslInputError(
             f"{name or type(x).__name__}: give a file path, a DICOM folder or an (array, affine) pair, not "

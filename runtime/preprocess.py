@@ -198,8 +198,12 @@ def _check_finite(data: np.ndarray, name: str) -> None:
         )
 
 
-def load_volume(path: str | os.PathLike[str], max_voxels: int | None = None) -> Volume:
+def load_volume(path: str | os.PathLike[str], max_voxels: int | None = None, keep_dtype: bool = False) -> Volume:
     """Read a NIfTI (or MGH / Analyze) volume as float32, validating everything.
+
+    ``keep_dtype=True`` leaves unscaled integer data in its stored type (float32
+    otherwise): for callers that only :func:`preprocess` it, which converts while
+    it resamples, so a CT never gets a full-size float32 copy.
 
     Every failure is a :class:`GvslInputError` naming the file, so that a bad file
     in a folder of thousands reads as a one-line report, not a traceback. The
@@ -235,7 +239,7 @@ def load_volume(path: str | os.PathLike[str], max_voxels: int | None = None) -> 
     _check_voxels(shape3, max_voxels, name)
     aff = _check_affine(affine, name)
     try:
-        data, may_be_nonfinite = _read_float32(img, shape3, p)
+        data, may_be_nonfinite = _read_float32(img, shape3, p, keep_dtype)
     except MemoryError as e:
         raise GvslInputError(
             f"{name}: not enough memory to load {_fmt_shape(shape)} voxels; crop or downsample it",
@@ -257,9 +261,12 @@ def load_volume(path: str | os.PathLike[str], max_voxels: int | None = None) -> 
 _DIRECT_DTYPES = frozenset("int8 uint8 int16 uint16 int32 uint32 float32 float64".split())
 
 
-def _read_float32(img: Any, shape3: tuple[int, int, int], path: Path) -> tuple[np.ndarray, bool]:
+def _read_float32(
+    img: Any, shape3: tuple[int, int, int], path: Path, keep_dtype: bool = False
+) -> tuple[np.ndarray, bool]:
     """(float32 voxels, whether they can hold NaN/Inf), the values of
-    ``img.get_fdata(dtype=float32)``, in the file's own layout.
+    ``img.get_fdata(dtype=float32)``, in the file's own layout (``keep_dtype``:
+    unscaled integer data stays in its stored type).
 
     NIfTI stores x fastest. The array keeps that layout (x-fastest, Fortran
     order) instead of being transposed to C order here: :func:`preprocess`
@@ -277,7 +284,10 @@ def _read_float32(img: Any, shape3: tuple[int, int, int], path: Path) -> tuple[n
         if raw is None:
             raw = np.asanyarray(proxy.get_unscaled())
         if raw.dtype.name in _DIRECT_DTYPES:
-            return _as_float32(raw.reshape(shape3, order="A")), raw.dtype.kind == "f"
+            raw = raw.reshape(shape3, order="A")
+            if keep_dtype and raw.dtype.kind in "iu":
+                return raw, False
+            return _as_float32(raw), raw.dtype.kind == "f"
     data = img.get_fdata(dtype=np.float32, caching="unchanged")
     return _as_float32(data.reshape(shape3, order="A")), True
 
@@ -466,6 +476,8 @@ def _resample_axis(data: np.ndarray, axis: int, n_new: int, step: float, order: 
             return
         lo = np.take(src, i0, axis=axis)
         hi = np.take(src, i1, axis=axis)
+        if lo.dtype != np.float32:  # integer input (load_volume(keep_dtype=True)): convert here, piece by piece
+            lo, hi = lo.astype(np.float32), hi.astype(np.float32)
         np.subtract(hi, lo, out=hi)
         hi *= w
         np.add(hi, lo, out=dst)
@@ -612,6 +624,8 @@ def unpad(data: Any, pads: Pads) -> Any:
 # ----------------------------------------------------------------------------- pipeline
 def preprocess(vol: Volume, cfg: PreprocessConfig) -> Volume:
     """canonical (if ``cfg.canonical``) → resample (if ``cfg.spacing``) → normalise.
+
+    ``vol.data`` may be any real type in any memory order (float32 C-ordered out).
 
     The returned affine maps the preprocessed grid to world mm, so outputs
     computed on it (features, displacement fields) can be saved as NIfTI

@@ -524,3 +524,19 @@ def test_runtime_works_without_torch():
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_keep_dtype_load_preprocesses_to_the_same_values(tmp_path, suffix):
+    """``load_volume(keep_dtype=True)`` (Embedder.prepare, the training cache) keeps int16
+    voxels as stored; preprocess converts while resampling, to exactly the float path's numbers."""
+    raw = np.random.default_rng(3).integers(-1024, 3000, size=(70, 60, 40)).astype(np.int16)
+    path = _write(tmp_path / f"ct{suffix}", raw, np.diag([-0.7, -0.8, 1.5, 1.0]))
+    kept, floats = load_volume(path, keep_dtype=True), load_volume(path)
+    assert kept.data.dtype == np.int16 and floats.data.dtype == np.float32
+    np.testing.assert_array_equal(kept.data, floats.data)
+    for cfg in (PreprocessConfig(), PreprocessConfig(spacing=None, modality="mr")):
+        a, b = preprocess(kept, cfg), preprocess(floats, cfg)
+        assert a.data.dtype == np.float32 and a.data.flags.c_contiguous
+        np.testing.assert_array_equal(a.data, b.data)
+    np.testing.assert_array_equal(kept.data, raw)  # never modified in place
