@@ -14,7 +14,6 @@ import glob
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from gvsl.config import SIZE_MULTIPLE
 from gvsl.runtime.errors import GvslInputError
+from gvsl.runtime.io import save_npy
 from gvsl.runtime.preprocess import PreprocessConfig, load_volume, pad_to_shape, preprocess
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -155,15 +155,8 @@ class VolumeCache:
         return np.load(entry, mmap_mode="r")
 
     def _write(self, entry: Path, data: np.ndarray) -> None:
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{entry.stem}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, np.ascontiguousarray(data, dtype=np.float32))
-            os.replace(tmp, entry)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # temp file + rename: a crash or a parallel worker never leaves a half-written entry
+        save_npy(entry, np.ascontiguousarray(data, dtype=np.float32))
 
 
 def scan_volumes(
