@@ -148,88 +148,69 @@ def _downstream(
 
 _DATA_HELP = "Labelled images: files, folders or globs; each X.nii.gz needs X_labels.nii.gz beside it (or --labels)."
 
+# options probe and finetune share (typer reads each command's own signature, so they are aliases)
+_Data = Annotated[list[str], typer.Argument(help=_DATA_HELP)]
+_Out = Annotated[Path, typer.Option("--out", "-o", help="Folder for model, head.npz and metrics.json.")]
+_Classes = Annotated[int, typer.Option(help="Number of classes including background (labels 0..N-1).")]
+_Model = Annotated[
+    str, typer.Option("--model", "-m", help="Trained model folder / .safetensors / official .pth, or 'random'.")
+]
+_Labels = Annotated[list[str] | None, typer.Option(help="Label maps in the same order as the images.")]
+_Val = Annotated[list[str] | None, typer.Option(help="Validation images (default: hold out --val-fraction).")]
+_ValFraction = Annotated[float, typer.Option(help="Share of volumes held out for validation.")]
+_Widths = Annotated[str, typer.Option(help="Widths of a 'random' backbone.")]
+_Spacing = Annotated[str, typer.Option(help="Spacing for a 'random' backbone (mm or 'native').")]
+_Device = Annotated[str, typer.Option(help="cpu or cuda.")]
+_Quiet = Annotated[bool, typer.Option("--quiet", "-q")]
+
 
 @app.command()
 @user_errors
 def probe(
-    data: Annotated[list[str], typer.Argument(help=_DATA_HELP)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for model, head.npz and metrics.json.")],
-    classes: Annotated[int, typer.Option(help="Number of classes including background (labels 0..N-1).")],
-    model: Annotated[
-        str, typer.Option("--model", "-m", help="Trained model folder / .safetensors / official .pth, or 'random'.")
-    ] = "random",
-    labels: Annotated[list[str] | None, typer.Option(help="Label maps in the same order as the images.")] = None,
-    val: Annotated[list[str] | None, typer.Option(help="Validation images (default: hold out --val-fraction).")] = None,
+    data: _Data,
+    out: _Out,
+    classes: _Classes,
+    model: _Model = "random",
+    labels: _Labels = None,
+    val: _Val = None,
     iterations: Annotated[int, typer.Option(help="Optimiser steps of the linear head.")] = 300,
     lr: Annotated[float | None, typer.Option(help="Learning rate (default 1e-2).")] = None,
     voxels: Annotated[int, typer.Option(help="Random voxels per step.")] = 32768,
-    val_fraction: Annotated[float, typer.Option(help="Share of volumes held out for validation.")] = 0.25,
-    widths: Annotated[str, typer.Option(help="Widths of a 'random' backbone.")] = "small",
-    spacing: Annotated[str, typer.Option(help="Spacing for a 'random' backbone (mm or 'native').")] = "2",
+    val_fraction: _ValFraction = 0.25,
+    widths: _Widths = "small",
+    spacing: _Spacing = "2",
     seed: Annotated[int, typer.Option(help="Seed of the split and the head.")] = 0,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    device: _Device = "cpu",
+    quiet: _Quiet = False,
 ) -> None:
     """Linear evaluation: frozen backbone + 1x1x1 conv on its dense features; Dice on held-out volumes."""
     _downstream(
-        "probe",
-        data,
-        labels,
-        val,
-        model,
-        out,
-        classes,
-        iterations,
-        lr,
-        48,
-        voxels,
-        val_fraction,
-        widths,
-        spacing,
-        seed,
-        device,
-        quiet,
-    )
+        "probe", data, labels, val, model, out, classes, iterations, lr, 48, voxels, val_fraction, widths, spacing,
+        seed, device, quiet,
+    )  # fmt: skip
 
 
 @app.command()
 @user_errors
 def finetune(
-    data: Annotated[list[str], typer.Argument(help=_DATA_HELP)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for model, head.npz and metrics.json.")],
-    classes: Annotated[int, typer.Option(help="Number of classes including background (labels 0..N-1).")],
-    model: Annotated[
-        str, typer.Option("--model", "-m", help="Trained model folder / .safetensors / official .pth, or 'random'.")
-    ] = "random",
-    labels: Annotated[list[str] | None, typer.Option(help="Label maps in the same order as the images.")] = None,
-    val: Annotated[list[str] | None, typer.Option(help="Validation images (default: hold out --val-fraction).")] = None,
+    data: _Data,
+    out: _Out,
+    classes: _Classes,
+    model: _Model = "random",
+    labels: _Labels = None,
+    val: _Val = None,
     iterations: Annotated[int, typer.Option(help="Optimiser steps.")] = 300,
     lr: Annotated[float | None, typer.Option(help="Backbone learning rate (head: 10x; default 1e-4).")] = None,
     patch_size: Annotated[int, typer.Option(help="Training crop size (multiple of 16).")] = 48,
-    val_fraction: Annotated[float, typer.Option(help="Share of volumes held out for validation.")] = 0.25,
-    widths: Annotated[str, typer.Option(help="Widths of a 'random' backbone.")] = "small",
-    spacing: Annotated[str, typer.Option(help="Spacing for a 'random' backbone (mm or 'native').")] = "2",
+    val_fraction: _ValFraction = 0.25,
+    widths: _Widths = "small",
+    spacing: _Spacing = "2",
     seed: Annotated[int, typer.Option(help="Seed of the split, crops and head.")] = 0,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    device: _Device = "cpu",
+    quiet: _Quiet = False,
 ) -> None:
     """Fine-tuning: backbone + 1x1x1 segmentation head trained on labelled volumes; Dice on held-out volumes."""
     _downstream(
-        "finetune",
-        data,
-        labels,
-        val,
-        model,
-        out,
-        classes,
-        iterations,
-        lr,
-        patch_size,
-        32768,
-        val_fraction,
-        widths,
-        spacing,
-        seed,
-        device,
-        quiet,
-    )
+        "finetune", data, labels, val, model, out, classes, iterations, lr, patch_size, 32768, val_fraction, widths,
+        spacing, seed, device, quiet,
+    )  # fmt: skip

@@ -342,20 +342,7 @@ def linear_probe(
     with torch.no_grad():
         w = lin.weight / sd[None, :]
         b = lin.bias - (lin.weight * (mu / sd)[None, :]).sum(1)
-    head = _conv_head(w, b)
-    dice, per_case = _evaluate(net, head, val, cfg.num_classes, dev)
-    return DownstreamResult(
-        "probe",
-        w.cpu().numpy(),
-        b.cpu().numpy(),
-        dice,
-        per_case,
-        [c.name for c in train],
-        [c.name for c in val],
-        losses,
-        time.perf_counter() - t0,
-        _cfg_dict(cfg),
-    )
+    return _finish("probe", net, _conv_head(w, b), train, val, cfg, losses, t0)
 
 
 def _conv_head(w: Any, b: Any) -> Any:
@@ -419,10 +406,20 @@ def finetune(
         if log and (step + 1) % max(1, cfg.iterations // 5) == 0:
             log(f"finetune step {step + 1}/{cfg.iterations} loss {losses[-1]:.4f}")
     net.eval()
-    dice, per_case = _evaluate(net, head, val, cfg.num_classes, dev)
+    return _finish("finetune", net, head, train, val, cfg, losses, t0)
+
+
+def _finish(
+    mode: str, net: Any, head: Any, train: Sequence[Case], val: Sequence[Case], cfg: DownstreamConfig,
+    losses: list[float], t0: float,
+) -> DownstreamResult:  # fmt: skip
+    """Validation Dice of backbone + 1x1x1 ``head`` and the result record both modes return."""
+    import torch
+
+    dice, per_case = _evaluate(net, head, val, cfg.num_classes, torch.device(cfg.device))
     w = head.weight.detach().reshape(cfg.num_classes, -1)
     return DownstreamResult(
-        "finetune",
+        mode,
         w.cpu().numpy(),
         head.bias.detach().cpu().numpy(),
         dice,
