@@ -33,24 +33,13 @@ from pathlib import Path
 import numpy as np
 
 
-def _volume(size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A smooth random 'CT' in HU on a 1 mm grid (spacing = the model's, so no resampling)."""
-    from scipy import ndimage
-
-    rng = np.random.default_rng(seed)
-    x = ndimage.gaussian_filter(rng.normal(size=(size, size, size)).astype(np.float32), 3)
-    x = (x / (x.std() + 1e-6) * 300.0).astype(np.float32)
-    aff = np.eye(4)
-    aff[:3, 3] = -size / 2
-    return x, aff
-
-
 def run_case(args: argparse.Namespace) -> dict:
     """One (task, backend) in this process; prints a JSON line."""
+    from gvsl.bench import smooth_ct_cube
     from gvsl.runtime import Embedder, Registrar
 
     model = args.model_dir if args.backend == "torch" else args.export_dir
-    vol = _volume(args.size)
+    vol = smooth_ct_cube(args.size)
     moving = (np.roll(vol[0], 3, axis=0), vol[1])
     t0 = time.perf_counter()
     if args.task == "embed":
@@ -125,21 +114,11 @@ def main() -> None:
         print(json.dumps(run_case(args)))
         return
 
-    import torch
-
-    from gvsl.config import ModelConfig
-    from gvsl.export.pipeline import ExportOptions, run_export
-    from gvsl.io import save_model
-    from gvsl.model import GVSL
-    from gvsl.runtime.preprocess import PreprocessConfig
+    from gvsl.bench import random_model_export
 
     tmp = Path(tempfile.mkdtemp(prefix="gvsl-bench-"))
     patch = args.patch or args.size
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_preset(args.widths)
-    pre = PreprocessConfig(spacing=(1.0, 1.0, 1.0), modality="ct")
-    save_model(GVSL(cfg), tmp / "model", preprocess=pre.to_dict(), extra={"patch_size": [patch] * 3})
-    run_export(tmp / "model", tmp / "export", ExportOptions(verify=False))
+    random_model_export(args.widths, patch, tmp)
     backends = args.backends.split(",") if args.backends else _backends(args.device)
     rows = []
     for task in args.tasks.split(","):

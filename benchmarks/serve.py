@@ -39,18 +39,6 @@ from pathlib import Path
 import numpy as np
 
 
-def _volume(size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A smooth random 'CT' in HU on a 1 mm grid (the model's spacing: no resampling)."""
-    from scipy import ndimage
-
-    rng = np.random.default_rng(seed)
-    x = ndimage.gaussian_filter(rng.normal(size=(size, size, size)).astype(np.float32), 3)
-    x = (x / (x.std() + 1e-6) * 300.0).astype(np.float32)
-    aff = np.eye(4)
-    aff[:3, 3] = -size / 2
-    return x, aff
-
-
 def _stats(latencies: list[float], wall: float, failures: int) -> dict:
     arr = np.asarray(latencies) * 1000.0
     pct = (lambda q: float(np.percentile(arr, q))) if arr.size else (lambda q: float("nan"))
@@ -160,26 +148,16 @@ def main() -> None:
     if not args.python:
         sys.exit("error: --python: give the serve venv's interpreter (or set GVSL_SERVE_PYTHON); README: gvsl serve")
 
-    import torch
-
-    from gvsl.config import ModelConfig
-    from gvsl.export.pipeline import ExportOptions, run_export
-    from gvsl.io import save_model
-    from gvsl.model import GVSL
+    from gvsl.bench import random_model_export, smooth_ct_cube
     from gvsl.runtime import Embedder, Registrar
     from gvsl.runtime.client import GvslClient
-    from gvsl.runtime.preprocess import PreprocessConfig
     from gvsl.runtime.serve import EMBED_MODEL, REGISTER_MODEL
 
     tmp = Path(tempfile.mkdtemp(prefix="gvsl-serve-bench-"))
     try:
         patch = args.patch or args.size
-        torch.manual_seed(0)
-        pre = PreprocessConfig(spacing=(1.0, 1.0, 1.0), modality="ct")
-        save_model(GVSL(ModelConfig.from_preset(args.widths)), tmp / "model", preprocess=pre.to_dict(),
-                   extra={"patch_size": [patch] * 3})  # fmt: skip
-        run_export(tmp / "model", tmp / "export", ExportOptions(verify=False))
-        vol, aff = _volume(args.size)
+        random_model_export(args.widths, patch, tmp)
+        vol, aff = smooth_ct_cube(args.size)
         moving = np.roll(vol, 3, axis=0)
         levels = [int(c) for c in args.clients.split(",")]
         tasks = args.tasks.split(",")

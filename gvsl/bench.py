@@ -58,6 +58,8 @@ __all__ = [
     "machine_info",
     "markdown_tables",
     "model_flops",
+    "random_model_export",
+    "smooth_ct_cube",
     "summarize",
 ]
 
@@ -953,6 +955,41 @@ def _train_case(
     if cuda:
         torch.cuda.empty_cache()
     return records
+
+
+# ----------------------------------------------------------------------------- shared by benchmarks/*.py
+def smooth_ct_cube(size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth random 'CT' in HU, ``size``^3 on a 1 mm grid (the spacing of
+    :func:`random_model_export`'s model, so the runtime does not resample), and its affine."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    x = ndimage.gaussian_filter(rng.normal(size=(size, size, size)).astype(np.float32), 3)
+    x = (x / (x.std() + 1e-6) * 300.0).astype(np.float32)
+    aff = np.eye(4)
+    aff[:3, 3] = -size / 2
+    return x, aff
+
+
+def random_model_export(widths: str, patch: int, workdir: Path) -> tuple[Path, Path]:
+    """(model folder, export folder) of a randomly initialised GVSL (seed 0; speed does not
+    depend on the weights) at 1 mm CT preprocessing, exported by ``gvsl export`` unverified."""
+    import torch
+
+    from gvsl.config import ModelConfig
+    from gvsl.export.pipeline import ExportOptions, run_export
+    from gvsl.io import save_model
+    from gvsl.model import GVSL
+    from gvsl.runtime.preprocess import PreprocessConfig
+
+    torch.manual_seed(0)
+    pre = PreprocessConfig(spacing=(1.0, 1.0, 1.0), modality="ct")
+    model = save_model(
+        GVSL(ModelConfig.from_preset(widths)), workdir / "model", preprocess=pre.to_dict(),
+        extra={"patch_size": [patch] * 3},
+    )  # fmt: skip
+    run_export(model, workdir / "export", ExportOptions(verify=False))
+    return model, workdir / "export"
 
 
 # ----------------------------------------------------------------------------- preprocessing benchmark
