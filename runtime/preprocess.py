@@ -239,7 +239,7 @@ def load_volume(path: str | os.PathLike[str], max_voxels: int | None = None, kee
     _check_voxels(shape3, max_voxels, name)
     aff = _check_affine(affine, name)
     try:
-        data, may_be_nonfinite = _read_float32(img, shape3, p, keep_dtype)
+        data, may_be_nonfinite = _read_voxels(img, shape3, p, keep_dtype)
     except MemoryError as e:
         raise GvslInputError(
             f"{name}: not enough memory to load {_fmt_shape(shape)} voxels; crop or downsample it",
@@ -261,7 +261,7 @@ def load_volume(path: str | os.PathLike[str], max_voxels: int | None = None, kee
 _DIRECT_DTYPES = frozenset("int8 uint8 int16 uint16 int32 uint32 float32 float64".split())
 
 
-def _read_float32(
+def _read_voxels(
     img: Any, shape3: tuple[int, int, int], path: Path, keep_dtype: bool = False
 ) -> tuple[np.ndarray, bool]:
     """(float32 voxels, whether they can hold NaN/Inf), the values of
