@@ -21,7 +21,7 @@ from .errors import GvslInputError
 from .io import atomic_write
 from .preprocess import voxel_sizes
 
-__all__ = ["checkerboard", "save_registration_png"]
+__all__ = ["checkerboard", "display_scaled", "save_registration_png"]
 
 
 def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
@@ -40,6 +40,21 @@ def _planes(vol: np.ndarray, spacing: np.ndarray) -> list[tuple[str, np.ndarray,
         ("coronal", vol[:, cy, :].T[::-1], sz / sx),  # rows: superior at the top
         ("sagittal", vol[cx, :, :].T[::-1], sz / sy),
     ]
+
+
+def display_scaled(fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray) -> list[np.ndarray]:
+    """The three images mapped to [0, 1] for display: the fixed image by its own 1st-99th
+    percentiles, moving and warped (the same intensities, resampled) by the moving image's,
+    so two scans with different intensity scales are both visible, in the checkerboard too."""
+
+    def window(v: np.ndarray) -> tuple[float, float]:
+        lo, hi = (float(x) for x in np.percentile(v, (1, 99)))
+        return lo, hi if hi > lo else lo + 1.0
+
+    out = []
+    for v, (lo, hi) in zip((fixed, moving, warped), (window(fixed), window(moving), window(moving)), strict=True):
+        out.append(np.clip((np.asarray(v, dtype=np.float32) - lo) / (hi - lo), 0.0, 1.0))
+    return out
 
 
 def save_registration_png(
@@ -61,9 +76,8 @@ def save_registration_png(
     ornt = io_orientation(affine)
     ras = [apply_orientation(np.asarray(v, dtype=np.float32), ornt) for v in (fixed, moving, warped)]
     spacing = voxel_sizes(affine)[np.argsort(ornt[:, 0])]
-    lo, hi = (float(v) for v in np.percentile(ras[0], (1, 99)))
-    if not hi > lo:
-        hi = lo + 1.0
+    ras = display_scaled(*ras)
+    lo, hi = 0.0, 1.0
     cols = ["fixed", "moving", "warped", "checkerboard fixed/warped"]
     fig = Figure(figsize=(12, 9.5))
     FigureCanvasAgg(fig)

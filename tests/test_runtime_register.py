@@ -407,3 +407,15 @@ def test_cli_register_errors_are_one_line(tmp_path, known_pair, tiny):
         ],
     )
     assert res.exit_code == 2 and "encoder graph" in " ".join(res.output.split())
+
+
+def test_overview_scales_each_scan_by_its_own_intensities(mni_small_arrays):
+    """A moving scan 100x brighter than the fixed one is shown with its own window (it used to
+    be drawn with the fixed image's and came out solid white); warped shares moving's window."""
+    from gvsl.runtime.figures import display_scaled
+
+    fixed = mni_small_arrays["t1"].astype(np.float32)
+    f, m, w = display_scaled(fixed, 100.0 * fixed, 100.0 * fixed)
+    np.testing.assert_allclose(m, f, atol=1e-5)
+    np.testing.assert_allclose(w, f, atol=1e-5)
+    assert 0.0 <= f.min() and f.max() <= 1.0 and (f == 1.0).mean() < 0.05  # only the top percent clips
