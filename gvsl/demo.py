@@ -248,7 +248,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, log: Log | None = N
         except GvslInputError as e:
             say(f"note: {e}")
         else:
-            # the default model works at its own 2 mm spacing; the runtime resamples, outputs stay on this grid
+            # the default model works at its own spacing (model.json); the runtime resamples, outputs stay here
             dres, dm = _register(default_dir, fixed, moving, labels, fixed_labels)
             registrations["default"] = dm
             figs.append(

@@ -4,7 +4,7 @@
 gets a result from one command. It is a small GVSL trained by the project
 itself on synthetic subjects made from the MNI ICBM152 2009a brain template
 (provenance: ``gvsl/assets/default/PROVENANCE.md``); it is a starting point
-for brain MR at 2 mm, not a substitute for the official checkpoint
+for brain MR (it works at 4 mm), not a substitute for the official checkpoint
 (``--model GVSL_epoch_1000.pth`` after ``gvsl export``) or a model trained on
 the user's own scans. Resolving it reads package files only: nothing is ever
 downloaded.
