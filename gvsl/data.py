@@ -26,7 +26,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from gvsl.config import SIZE_MULTIPLE
 from gvsl.runtime.errors import GvslInputError
 from gvsl.runtime.io import save_npy
-from gvsl.runtime.preprocess import PreprocessConfig, load_volume, pad_to_shape, preprocess
+from gvsl.runtime.preprocess import PreprocessConfig, load_preprocessed, pad_to_shape
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -150,7 +150,7 @@ class VolumeCache:
             except (OSError, ValueError):
                 pass  # unreadable entry (e.g. disk was full): rebuild it
         self.misses += 1
-        vol = preprocess(load_volume(path, max_voxels=max_voxels, keep_dtype=True), cfg)
+        vol = load_preprocessed(path, cfg, max_voxels=max_voxels)[1]
         self._write(entry, vol.data)
         return np.load(entry, mmap_mode="r")
 

@@ -34,6 +34,7 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,7 +43,7 @@ from . import artifact as A
 from .backends import Backend, ModelInfo, load_backend
 from .errors import GvslInputError
 from .io import DEFAULT_MAX_VOXELS, VolumeLike, read_volume
-from .preprocess import Volume, pad_to_multiple, preprocess, unpad
+from .preprocess import Volume, load_preprocessed, pad_to_multiple, preprocess, unpad
 from .warp import resample_to_grid
 
 __all__ = ["Embedder", "Embedding", "gaussian_weight", "window_starts"]
@@ -146,7 +147,10 @@ class Embedder:
         """(original volume, preprocessed volume) — reading and preprocessing only, so
         callers can prefetch the next input while the current one runs."""
         # the original's voxels are only preprocessed here (its grid is what is kept), so
-        # integer files stay integer and are converted while they are resampled
+        # integer files stay integer and are converted while they are resampled; a NIfTI
+        # file is inflated and resampled at once (load_preprocessed)
+        if isinstance(x, str | os.PathLike) and Path(x).is_file():
+            return load_preprocessed(x, self.info.preprocess, max_voxels=self.max_voxels)
         vol = read_volume(x, max_voxels=self.max_voxels, keep_dtype=True)
         return vol, preprocess(vol, self.info.preprocess)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -211,8 +212,28 @@ def load_volume(path: str | os.PathLike[str], max_voxels: int | None = None, kee
     the full read is forced here so truncated gzip streams fail now, not
     halfway through training.
     """
-    p = Path(path)
-    name = str(path)
+    p, name = Path(path), str(path)
+    img, shape3, aff = _open(p, name, max_voxels)
+    try:
+        data, may_be_nonfinite = _read_voxels(img, shape3, p, keep_dtype)
+    except MemoryError as e:
+        raise GvslInputError(
+            f"{name}: not enough memory to load {_fmt_shape(tuple(img.shape))} voxels; crop or downsample it",
+            name,
+        ) from e
+    except Exception as e:  # EOFError, zlib.error, OSError, ValueError ... for truncated data
+        raise GvslInputError(
+            f"{name}: file is corrupt or truncated ({type(e).__name__}: {_one_line(e)}); "
+            "re-export or re-copy it",
+            name,
+        ) from e
+    if may_be_nonfinite:
+        _check_finite(data, name)
+    return Volume(data=data, affine=aff, source=name)
+
+
+def _open(p: Path, name: str, max_voxels: int | None) -> tuple[Any, tuple[int, int, int], np.ndarray]:
+    """(nibabel image, 3-D shape, affine) after every check that needs only the header."""
     if not p.exists():
         raise GvslInputError(f"{name}: file not found; check the path", name)
     if p.is_dir():
@@ -237,23 +258,7 @@ def load_volume(path: str | os.PathLike[str], max_voxels: int | None = None, kee
         ) from e
     shape3 = _spatial_shape(shape, name)
     _check_voxels(shape3, max_voxels, name)
-    aff = _check_affine(affine, name)
-    try:
-        data, may_be_nonfinite = _read_voxels(img, shape3, p, keep_dtype)
-    except MemoryError as e:
-        raise GvslInputError(
-            f"{name}: not enough memory to load {_fmt_shape(shape)} voxels; crop or downsample it",
-            name,
-        ) from e
-    except Exception as e:  # EOFError, zlib.error, OSError, ValueError ... for truncated data
-        raise GvslInputError(
-            f"{name}: file is corrupt or truncated ({type(e).__name__}: {_one_line(e)}); "
-            "re-export or re-copy it",
-            name,
-        ) from e
-    if may_be_nonfinite:
-        _check_finite(data, name)
-    return Volume(data=data, affine=aff, source=name)
+    return img, shape3, _check_affine(affine, name)
 
 
 #: Stored types whose float32 conversion needs no scaling and matches nibabel's
@@ -413,22 +418,13 @@ def _resample_array(
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`resample` on a bare array, which may be any strided view (``preprocess``
     passes the un-copied RAS+ view); returns ``data`` itself when nothing changes."""
-    target = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,))
-    if not (np.isfinite(target).all() and (target > 0).all()):
-        raise ValueError(f"spacing must be positive mm values, got {spacing}")
-    old = voxel_sizes(affine)
-    redo = np.abs(old - target) > 1e-3
-    if not redo.any():
+    plan = _resample_plan(data.shape, affine, spacing)
+    if plan is None:
         return data, affine
-    scale = np.where(redo, target / old, 1.0)  # old-index step per new voxel
-    shape = np.asarray(data.shape)
-    new_shape = np.where(redo, np.maximum(1, np.round(shape / scale)), shape).astype(int)
-    new_affine = affine.copy()
-    new_affine[:3, :3] = affine[:3, :3] * scale[None, :]
+    passes, scale, new_shape, new_affine = plan
     if order in (0, 1):
-        # shrink first: later passes then touch fewer voxels
-        for ax in sorted(np.flatnonzero(redo), key=lambda a: new_shape[a] / shape[a]):
-            data = _resample_axis(data, int(ax), int(new_shape[ax]), float(scale[ax]), order)
+        for ax in passes:
+            data = _resample_axis(data, ax, int(new_shape[ax]), float(scale[ax]), order)
         return np.ascontiguousarray(data, dtype=np.float32), new_affine
     from scipy import ndimage
 
@@ -441,6 +437,28 @@ def _resample_array(
         output=np.float32,
     )
     return out, new_affine
+
+
+def _resample_plan(
+    shape: tuple[int, ...], affine: np.ndarray, spacing: tuple[float, float, float] | float
+) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray] | None:
+    """(axes to resample, shrinking ones first; old-index step per new voxel; new shape;
+    new affine) for :func:`resample`, or None when every axis already has ``spacing``."""
+    target = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,))
+    if not (np.isfinite(target).all() and (target > 0).all()):
+        raise ValueError(f"spacing must be positive mm values, got {spacing}")
+    old = voxel_sizes(affine)
+    redo = np.abs(old - target) > 1e-3
+    if not redo.any():
+        return None
+    scale = np.where(redo, target / old, 1.0)
+    size = np.asarray(shape)
+    new_shape = np.where(redo, np.maximum(1, np.round(size / scale)), size).astype(int)
+    new_affine = affine.copy()
+    new_affine[:3, :3] = affine[:3, :3] * scale[None, :]
+    # shrink first: later passes then touch fewer voxels
+    passes = [int(a) for a in sorted(np.flatnonzero(redo), key=lambda a: new_shape[a] / size[a])]
+    return passes, scale, new_shape, new_affine
 
 
 def _resample_axis(data: np.ndarray, axis: int, n_new: int, step: float, order: int) -> np.ndarray:
@@ -650,6 +668,129 @@ def preprocess(vol: Volume, cfg: PreprocessConfig) -> Volume:
     data = _to_c_float32(data)
     owned = owned or not np.may_share_memory(data, vol.data)
     return Volume(data=_normalize(data, cfg, inplace=owned), affine=affine, source=vol.source)
+
+
+def load_preprocessed(
+    path: str | os.PathLike[str], cfg: PreprocessConfig, max_voxels: int | None = None
+) -> tuple[Volume, Volume]:
+    """``(load_volume(path, keep_dtype=True), preprocess(it, cfg))`` — what
+    ``Embedder.prepare`` and the training cache need — with the same numbers, faster.
+
+    For a ``.nii.gz`` of unscaled integers, inflating takes most of the time and
+    runs on one core (ISA-L releases the GIL): a thread inflates the stream while
+    this one resamples each slab of z-planes already inflated along x and y (those
+    passes need nothing outside the slab); the z pass, if any, runs at the end on
+    the smaller array. Anything unusual (no isal, scaled or float data, axes that
+    reorientation permutes, a stream that ends early) takes the plain path, which
+    also gives the one-line errors.
+    """
+    p, name = Path(path), str(path)
+    streamed = _stream_preprocess(p, name, cfg, max_voxels)
+    if streamed is not None:
+        return streamed
+    vol = load_volume(p, max_voxels=max_voxels, keep_dtype=True)
+    return vol, preprocess(vol, cfg)
+
+
+#: Bytes of stored voxels per streamed slab: big enough for the resampling threads,
+#: small enough that the first slab arrives early and the last one leaves little work.
+_SLAB_BYTES = 8 << 20
+
+
+def _stream_preprocess(
+    p: Path, name: str, cfg: PreprocessConfig, max_voxels: int | None
+) -> tuple[Volume, Volume] | None:
+    """:func:`load_preprocessed`'s overlapped path, or None where it does not apply."""
+    if not name.lower().endswith(".nii.gz") or cfg.spacing is None or not p.is_file():
+        return None
+    try:
+        from isal import isal_zlib
+    except ImportError:
+        return None
+    try:
+        img, shape3, aff = _open(p, name, max_voxels)
+    except GvslInputError:
+        return None  # the plain path raises it again, in its usual words
+    proxy = img.dataobj
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) or getattr(proxy, "order", "F") != "F":
+        return None
+    slope, inter = getattr(proxy, "slope", None), getattr(proxy, "inter", None)
+    dtype = np.dtype(proxy.dtype)
+    if slope is None or inter is None or float(slope) != 1.0 or float(inter) != 0.0 or dtype.kind not in "iu":
+        return None
+    if dtype.name not in _DIRECT_DTYPES or int(np.prod(shape3)) < _PARALLEL_MIN:
+        return None
+    ornt = io_orientation(aff) if cfg.canonical else np.array([[0, 1], [1, 1], [2, 1]])
+    if not np.array_equal(ornt[:, 0], [0, 1, 2]):
+        return None  # a permuted axis order: the slabs would not be slabs of the output
+    affine = aff @ inv_ornt_aff(ornt, shape3)
+    rev = np.eye(4)[[2, 1, 0, 3]]
+    plan = _resample_plan(shape3[::-1], affine @ rev, tuple(cfg.spacing)[::-1])
+    if plan is None or plan[0] == [0]:
+        return None  # nothing to do within a slab
+    passes, scale, new_shape, new_affine = plan
+
+    nx, ny, nz = shape3
+    offset, plane = int(proxy.offset), nx * ny * dtype.itemsize
+    total = offset + nz * plane
+    buf = np.empty(total, dtype=np.uint8)
+    state = {"ready": 0, "error": None}
+    cond = threading.Condition()
+
+    def inflate() -> None:
+        try:
+            d, pos = isal_zlib.decompressobj(31), 0
+            with open(p, "rb") as f:
+                while pos < total:
+                    chunk = f.read(1 << 22)
+                    if not chunk:
+                        break
+                    out = d.decompress(chunk)
+                    n = min(len(out), total - pos)
+                    buf[pos : pos + n] = np.frombuffer(out, dtype=np.uint8, count=n)
+                    pos += n
+                    with cond:
+                        state["ready"] = pos
+                        cond.notify()
+            if pos < total:
+                raise EOFError(f"stream ended after {pos} of {total} bytes")
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            with cond:
+                state["error"] = e
+                cond.notify()
+
+    raw = buf[offset:].view(dtype).reshape(shape3, order="F")
+    view = apply_orientation(raw, ornt).T  # [z, y, x]: C-ordered up to flips
+    in_plane = [a for a in passes if a != 0]
+    mid_shape = (nz, int(new_shape[1]) if 1 in passes else ny, int(new_shape[2]) if 2 in passes else nx)
+    mid = np.empty(mid_shape, dtype=np.float32)
+    step = max(1, _SLAB_BYTES // plane)
+    z_flip = ornt[2, 1] < 0
+    worker = threading.Thread(target=inflate, name="gvsl-inflate", daemon=True)
+    worker.start()
+    try:
+        for z0 in range(0, nz, step):
+            z1 = min(nz, z0 + step)
+            with cond:
+                while state["ready"] < offset + z1 * plane and state["error"] is None:
+                    cond.wait()
+                if state["error"] is not None:
+                    break
+            a, b = (nz - z1, nz - z0) if z_flip else (z0, z1)  # the slab's planes in the oriented view
+            slab = view[a:b]
+            for ax in in_plane:
+                slab = _resample_axis(slab, ax, int(new_shape[ax]), float(scale[ax]), 1)
+            mid[a:b] = slab
+    finally:
+        worker.join()
+    if state["error"] is not None:
+        return None  # truncated or unusual stream: the plain path reports or handles it
+    data = mid
+    if 0 in passes:
+        data = _resample_axis(data, 0, int(new_shape[0]), float(scale[0]), 1)
+    out = _to_c_float32(data.T)
+    vol = Volume(data=raw, affine=aff, source=name)
+    return vol, Volume(data=_normalize(out, cfg, inplace=True), affine=new_affine @ rev, source=name)
 
 
 # ----------------------------------------------------------------------------- output

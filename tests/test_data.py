@@ -71,8 +71,8 @@ def test_list_errors_name_the_path(tmp_path, small_nifti_dir):
 
 def test_cache_hit_skips_preprocessing_and_matches_direct(small_nifti_dir, tmp_path, monkeypatch):
     calls = []
-    real = gdata.preprocess
-    monkeypatch.setattr(gdata, "preprocess", lambda v, c: calls.append(v.source) or real(v, c))
+    real = gdata.load_preprocessed
+    monkeypatch.setattr(gdata, "load_preprocessed", lambda p, c, **kw: calls.append(str(p)) or real(p, c, **kw))
     path = small_nifti_dir / "gm.nii.gz"
 
     cache = VolumeCache(tmp_path / "cache")

@@ -540,3 +540,46 @@ def test_keep_dtype_load_preprocesses_to_the_same_values(tmp_path, suffix):
         assert a.data.dtype == np.float32 and a.data.flags.c_contiguous
         np.testing.assert_array_equal(a.data, b.data)
     np.testing.assert_array_equal(kept.data, raw)  # never modified in place
+
+
+@pytest.mark.parametrize(
+    "affine,cfg",
+    [
+        (np.diag([-0.7, -0.7, 1.0, 1.0]), PreprocessConfig()),  # LPS CT, in-plane resampling only
+        (np.diag([0.9, -1.1, -1.3, 1.0]), PreprocessConfig(spacing=(1.2, 0.8, 2.0), modality="mr")),  # z flipped
+        (np.diag([-0.7, -0.7, 1.0, 1.0]), PreprocessConfig(canonical=False, spacing=(1.0, 1.0, 0.5))),
+    ],
+)
+def test_load_preprocessed_streams_gz_to_the_same_numbers(tmp_path, affine, cfg):
+    """load_preprocessed overlaps inflating a .nii.gz with the in-plane resampling of the
+    slabs already inflated: same original and preprocessed volumes as the plain path."""
+    import importlib
+
+    P = importlib.import_module("gvsl.runtime.preprocess")
+    raw = np.random.default_rng(5).integers(-1024, 2000, size=(128, 120, 90)).astype(np.int16)  # > 1 M voxels
+    path = _write(tmp_path / "ct.nii.gz", raw, affine)
+    assert P._stream_preprocess(path, str(path), cfg, None) is not None  # the overlapped path is taken
+    vol, pre = P.load_preprocessed(path, cfg)
+    ref = preprocess(load_volume(path, keep_dtype=True), cfg)
+    np.testing.assert_array_equal(vol.data, raw)
+    np.testing.assert_array_equal(vol.affine, nib.load(path).affine)
+    assert pre.data.flags.c_contiguous and pre.data.shape == ref.data.shape
+    np.testing.assert_allclose(pre.data, ref.data, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(pre.affine, ref.affine, atol=1e-12)
+
+
+def test_load_preprocessed_falls_back_and_reports_like_load_volume(tmp_path):
+    import importlib
+
+    P = importlib.import_module("gvsl.runtime.preprocess")
+    cfg = PreprocessConfig()
+    floats = _write(tmp_path / "f.nii.gz", np.ones((128, 120, 90), np.float32), np.diag([-0.7, -0.7, 1.0, 1.0]))
+    permuted = _write(tmp_path / "p.nii.gz", np.ones((128, 120, 90), np.int16),
+                      np.array([[0, 0.7, 0, 0], [0.7, 0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1]]))  # fmt: skip
+    for path in (floats, permuted):  # not streamed, same results as the plain path
+        assert P._stream_preprocess(path, str(path), cfg, None) is None
+        np.testing.assert_array_equal(P.load_preprocessed(path, cfg)[1].data, preprocess(load_volume(path), cfg).data)
+    good = _write(tmp_path / "t.nii.gz", np.ones((128, 120, 90), np.int16), np.diag([-0.7, -0.7, 1.0, 1.0]))
+    (tmp_path / "cut.nii.gz").write_bytes(good.read_bytes()[:-4000])
+    with pytest.raises(GvslInputError, match="cut.nii.gz.*(corrupt|truncated)"):
+        P.load_preprocessed(tmp_path / "cut.nii.gz", cfg)
