@@ -270,8 +270,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "embedding_table": emb_lines,
         "seconds_total": time.perf_counter() - t_start,
     }
-    (out / "linear_probe.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "linear_probe.md").write_text("\n".join(lines) + "\n\n" + "\n".join(emb_lines) + "\n")
+    (out / "linear_probe.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (out / "linear_probe.md").write_text("\n".join(lines) + "\n\n" + "\n".join(emb_lines) + "\n", encoding="utf-8")
     print("\n".join(lines) + "\n\n" + "\n".join(emb_lines))
     return result
 

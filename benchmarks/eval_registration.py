@@ -231,8 +231,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rows": rows,
         "table": table,
     }
-    (out / "registration.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "registration.md").write_text("\n".join(table) + "\n")
+    (out / "registration.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (out / "registration.md").write_text("\n".join(table) + "\n", encoding="utf-8")
     print("\n".join(table))
     return result
 

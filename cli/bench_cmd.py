@@ -144,7 +144,7 @@ def bench(
         result["machine"]["load_avg_end"] = list(__import__("os").getloadavg())
         json_out.parent.mkdir(parents=True, exist_ok=True)
         tmp = json_out.with_name(f".{json_out.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2, default=str))
+        tmp.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
         tmp.replace(json_out)
 
     def log(s: str) -> None:
@@ -193,7 +193,7 @@ def bench(
             title = f"preprocessing ({ct_shape} CT at {ct_spacing} mm → 1 mm)"
             _table(title, *B.preprocess_rows(result["preprocess"]))
     if markdown:
-        markdown.write_text(B.markdown_tables(result))
+        markdown.write_text(B.markdown_tables(result), encoding="utf-8")
     err.print(f"results: {json_out}" + (f", {markdown}" if markdown else ""))
 
 

@@ -311,7 +311,7 @@ def _merge_embeddings(folders: list[str], out: Path, overwrite: bool, quiet: boo
             w.writerow(["key", *(f"e{i}" for i in range(table.shape[1]))])
             for k, row in zip(keys, table, strict=True):
                 w.writerow([k, *(f"{float(x):.9g}" for x in row)])  # 9 digits: float32 round-trips exactly
-            Path(tmp).write_text(buf.getvalue())
+            Path(tmp).write_text(buf.getvalue(), encoding="utf-8")
 
         atomic_write(out, write)
     if not quiet:
@@ -455,7 +455,9 @@ def register(
             "affine_world_ras": res.world_matrix.tolist(),
             "backend": backend_name,
         }
-        written.append(atomic_write(metrics, lambda p: Path(p).write_text(json.dumps(payload, indent=2) + "\n")))
+        written.append(
+            atomic_write(metrics, lambda p: Path(p).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8"))
+        )
     if not quiet:
         from rich.table import Table
 

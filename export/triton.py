@@ -145,7 +145,7 @@ def write_repo(
         validate_config(parse_config(text, f"{name}/config.pbtxt"), kind, config, dense, f"{name}/config.pbtxt")
         (repo / name / "1").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, repo / name / "1" / _FILES[backend])
-        (repo / name / "config.pbtxt").write_text(text)
+        (repo / name / "config.pbtxt").write_text(text, encoding="utf-8")
         written.append(repo / name / "config.pbtxt")
     return written
 

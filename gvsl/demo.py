@@ -274,8 +274,8 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, log: Log | None = N
         "seconds": timings,
         "figures": [str(Path(f).name) for f in figs],
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "summary.md").write_text(_markdown(summary))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (out / "summary.md").write_text(_markdown(summary), encoding="utf-8")
     say(f"report: {out / 'summary.md'}")
     return summary
 

@@ -52,7 +52,9 @@ def save_model(
     }
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     atomic_write(out_dir / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"gvsl": json.dumps(meta)}))
-    atomic_write(out_dir / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(
+        out_dir / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    )
     return out_dir
 
 

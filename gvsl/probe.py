@@ -472,5 +472,7 @@ def save_downstream(
         "seconds": result.seconds,
         "config": result.config,
     }
-    atomic_write(out / "metrics.json", lambda p: Path(p).write_text(json.dumps(payload, indent=2) + "\n"))
+    atomic_write(
+        out / "metrics.json", lambda p: Path(p).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    )
     return out

@@ -327,7 +327,7 @@ def make_subjects(
         "labels": {str(k): v for k, v in LABEL_NAMES.items()} if template.labels is not None else None,
         "subjects": records,
     }
-    (out / f"{prefix}_synth.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / f"{prefix}_synth.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return records
 
 

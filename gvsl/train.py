@@ -76,9 +76,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
         if len(self.patch_size) != 3 or any(p <= 0 or p % SIZE_MULTIPLE for p in self.patch_size):
-            raise ValueError(
-                f"patch size must be three positive multiples of {SIZE_MULTIPLE}, got {self.patch_size}"
-            )
+            raise ValueError(f"patch size must be three positive multiples of {SIZE_MULTIPLE}, got {self.patch_size}")
         for name in ("iterations", "batch_size", "checkpoint_every", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -268,7 +266,9 @@ def _train(
         raise GvslInputError(f"{', '.join(cfg.data)}: no usable volume left (all {len(bad)} were bad)")
     if ddp.main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg.to_dict(), indent=2)))
+        atomic_write(
+            out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg.to_dict(), indent=2), encoding="utf-8")
+        )
         for path, why in bad:
             log(f"skipped {path}: {why}")
 
@@ -476,7 +476,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
         rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
 
     def write(p: str) -> None:
-        with open(p, "w", newline="") as f:
+        with open(p, "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, METRIC_FIELDS)
             w.writeheader()
             w.writerows(rows)
@@ -499,4 +499,3 @@ def _tensorboard(out: Path) -> Any:
     except Exception:  # tensorboard is an optional extra
         return None
     return SummaryWriter(str(out / "tensorboard"))
-

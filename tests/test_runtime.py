@@ -9,6 +9,7 @@ seconds.
 from __future__ import annotations
 
 import gzip
+import locale
 import os
 import subprocess
 import sys
@@ -478,7 +479,16 @@ def test_bad_in_memory_input(x, what, embedder):
 
 # ----------------------------------------------------------------------------- DICOM
 def _write_dicom_series(nifti: Path, folder: Path, series_uid: str = "1.2.826.0.1.3680043.2.1125.1") -> Path:
-    """A DICOM series from a NIfTI with SimpleITK (the SimpleITK DicomSeriesFromArray recipe)."""
+    """A DICOM series from a NIfTI with SimpleITK (the SimpleITK DicomSeriesFromArray recipe);
+    the process locale, which GDCM changes, is put back afterwards."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_dicom_series_files(nifti, folder, series_uid)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_series_files(nifti: Path, folder: Path, series_uid: str) -> Path:
     sitk = pytest.importorskip("SimpleITK")
     img = sitk.Cast(sitk.ReadImage(str(nifti)), sitk.sitkInt16)
     folder.mkdir(parents=True, exist_ok=True)
