@@ -236,7 +236,12 @@ def train(
     device = resolve_device(cfg.device)
     ddp = _Distributed(device)
     try:
-        return _train(cfg, state, device, ddp, out, progress, scan_progress, log)
+        result = _train(cfg, state, device, ddp, out, progress, scan_progress, log)
+        # rank 0 is still writing the model when the others finish: leave together, because
+        # gloo torn down on one rank while another is busy has aborted a rank ("terminate
+        # called without an active exception"). Not on errors: a failed rank never arrives.
+        ddp.barrier()
+        return result
     finally:
         ddp.close()
 
