@@ -214,6 +214,12 @@ def load_volume(path: str | os.PathLike[str], max_voxels: int | None = None, kee
     """
     p, name = Path(path), str(path)
     img, shape3, aff = _open(p, name, max_voxels)
+    return _read_volume(img, shape3, aff, p, keep_dtype)
+
+
+def _read_volume(img: Any, shape3: tuple[int, int, int], aff: np.ndarray, p: Path, keep_dtype: bool) -> Volume:
+    """The voxels of an :func:`_open`-ed file as a :class:`Volume`; read errors name the file."""
+    name = str(p)
     try:
         data, may_be_nonfinite = _read_voxels(img, shape3, p, keep_dtype)
     except MemoryError as e:
@@ -281,11 +287,8 @@ def _read_voxels(
     ISA-L when ``isal`` is installed (about twice zlib's speed).
     """
     proxy = img.dataobj
-    slope = getattr(proxy, "slope", None)
-    inter = getattr(proxy, "inter", None)
-    unscaled = slope is not None and inter is not None and float(slope) == 1.0 and float(inter) == 0.0
-    if nib.is_proxy(proxy) and unscaled and hasattr(proxy, "get_unscaled"):
-        raw = _inflate_nifti(img, shape3, path)
+    if nib.is_proxy(proxy) and _unscaled(proxy) and hasattr(proxy, "get_unscaled"):
+        raw = _inflate_nifti(img, path)
         if raw is None:
             raw = np.asanyarray(proxy.get_unscaled())
         if raw.dtype.name in _DIRECT_DTYPES:
@@ -297,7 +300,13 @@ def _read_voxels(
     return _as_float32(data.reshape(shape3, order="A")), True
 
 
-def _inflate_nifti(img: Any, shape3: tuple[int, int, int], path: Path) -> np.ndarray | None:
+def _unscaled(proxy: Any) -> bool:
+    """True when the stored values are the voxel values (scale slope 1, intercept 0)."""
+    slope, inter = getattr(proxy, "slope", None), getattr(proxy, "inter", None)
+    return slope is not None and inter is not None and float(slope) == 1.0 and float(inter) == 0.0
+
+
+def _inflate_nifti(img: Any, path: Path) -> np.ndarray | None:
     """The stored voxels of a single-file ``.nii.gz`` inflated by ISA-L, as a zero-copy
     x-fastest view of the inflated bytes; None when isal is absent or the file is not
     a plain single-file NIfTI (nibabel's reader then does the work)."""
@@ -684,11 +693,12 @@ def load_preprocessed(
     reorientation permutes, a stream that ends early) takes the plain path, which
     also gives the one-line errors.
     """
-    p, name = Path(path), str(path)
-    streamed = _stream_preprocess(p, name, cfg, max_voxels)
+    p = Path(path)
+    img, shape3, aff = _open(p, str(path), max_voxels)  # once: both paths read this header
+    streamed = _stream_preprocess(img, shape3, aff, p, cfg)
     if streamed is not None:
         return streamed
-    vol = load_volume(p, max_voxels=max_voxels, keep_dtype=True)
+    vol = _read_volume(img, shape3, aff, p, keep_dtype=True)
     return vol, preprocess(vol, cfg)
 
 
@@ -698,25 +708,22 @@ _SLAB_BYTES = 8 << 20
 
 
 def _stream_preprocess(
-    p: Path, name: str, cfg: PreprocessConfig, max_voxels: int | None
+    img: Any, shape3: tuple[int, int, int], aff: np.ndarray, p: Path, cfg: PreprocessConfig
 ) -> tuple[Volume, Volume] | None:
-    """:func:`load_preprocessed`'s overlapped path, or None where it does not apply."""
-    if not name.lower().endswith(".nii.gz") or cfg.spacing is None or not p.is_file():
+    """:func:`load_preprocessed`'s overlapped path for an :func:`_open`-ed file, or None
+    where it does not apply."""
+    name = str(p)
+    if not name.lower().endswith(".nii.gz") or cfg.spacing is None:
         return None
     try:
         from isal import isal_zlib
     except ImportError:
         return None
-    try:
-        img, shape3, aff = _open(p, name, max_voxels)
-    except GvslInputError:
-        return None  # the plain path raises it again, in its usual words
     proxy = img.dataobj
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) or getattr(proxy, "order", "F") != "F":
         return None
-    slope, inter = getattr(proxy, "slope", None), getattr(proxy, "inter", None)
     dtype = np.dtype(proxy.dtype)
-    if slope is None or inter is None or float(slope) != 1.0 or float(inter) != 0.0 or dtype.kind not in "iu":
+    if not _unscaled(proxy) or dtype.kind not in "iu":
         return None
     if dtype.name not in _DIRECT_DTYPES or int(np.prod(shape3)) < _PARALLEL_MIN:
         return None
