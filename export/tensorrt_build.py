@@ -23,14 +23,12 @@ import numpy as np
 
 from gvsl.config import SIZE_MULTIPLE
 from gvsl.export.errors import ExportError
+from gvsl.runtime.backends import pin_geometry_fp32
 
 INSTALL_HINT = (
     "install TensorRT 10 on a machine with an NVIDIA GPU (pip install tensorrt, or gvsl's gpu extra), "
     "or export --format onnx"
 )
-#: ONNX node-name prefixes of the convolutional networks; everything else is geometry.
-NETWORK_SCOPES = ("/unet/", "/f_conv/", "/sp_conv/", "/out_flow/", "/fc_")
-
 Shape4 = tuple[int, int, int, int]  # N, D, H, W
 
 
@@ -166,7 +164,7 @@ def build_engine(
             )
         config.set_flag(trt.BuilderFlag.BF16)
         config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
-        _pin_geometry_fp32(trt, network)
+        pin_geometry_fp32(trt, network)
     cache_path = Path(timing_cache) if timing_cache else None
     cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
@@ -200,19 +198,6 @@ def build_engine(
 def _nc(shape: Shape4) -> tuple[int, int, int, int, int]:
     n, d, h, w = shape
     return (n, 1, d, h, w)
-
-
-def _pin_geometry_fp32(trt: Any, network: Any) -> None:
-    """Keep every float layer outside the conv networks in fp32 (positions, affine maths, warp)."""
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if layer.name.startswith(NETWORK_SCOPES):
-            continue
-        outs = [layer.get_output(j) for j in range(layer.num_outputs)]
-        if outs and all(o.dtype == trt.float32 for o in outs):
-            layer.precision = trt.float32
-            for j in range(layer.num_outputs):
-                layer.set_output_type(j, trt.float32)
 
 
 def run_engine(engine_path: str | Path, inputs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:

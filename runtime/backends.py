@@ -53,8 +53,10 @@ __all__ = [
     "OnnxRuntimeBackend",
     "TensorRTBackend",
     "TorchBackend",
+    "NETWORK_SCOPES",
     "calibration_windows",
     "load_backend",
+    "pin_geometry_fp32",
     "quantize_int8",
     "read_onnx_metadata",
     "resolve_model_file",
@@ -817,7 +819,7 @@ class TensorRTBackend(Backend):
             config.set_flag(getattr(trt.BuilderFlag, flag))
             if self.info.precision == "fp32":  # lowering an fp32 graph: keep its geometry in fp32
                 config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
-                _pin_geometry_fp32(trt, network)
+                pin_geometry_fp32(trt, network)
         for _ in range(self._max):
             profile = builder.create_optimization_profile()
             for name, (lo, opt, hi) in prof.items():
@@ -912,17 +914,17 @@ class TensorRTBackend(Backend):
         self.engine = None
 
 
-#: ONNX node-name prefixes of the convolutional networks (as in gvsl.export.tensorrt_build);
-#: every other layer is geometry (positions, affine maths, the warp).
-_NETWORK_SCOPES = ("/unet/", "/f_conv/", "/sp_conv/", "/out_flow/", "/fc_", "/model/unet/")
+#: ONNX node-name scopes of the convolutional networks; every other layer is geometry
+#: (positions, affine maths, the warp). Engines built here and by gvsl export share it.
+NETWORK_SCOPES = ("/unet/", "/f_conv/", "/sp_conv/", "/out_flow/", "/fc_", "/model/unet/")
 
 
-def _pin_geometry_fp32(trt: Any, network: Any) -> None:
+def pin_geometry_fp32(trt: Any, network: Any) -> None:
     """Keep float layers outside the conv networks in fp32: half precision would
     quantise voxel positions of the warp."""
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        if any(scope in layer.name for scope in _NETWORK_SCOPES):
+        if any(scope in layer.name for scope in NETWORK_SCOPES):
             continue
         outs = [layer.get_output(j) for j in range(layer.num_outputs)]
         if outs and all(o.dtype == trt.float32 for o in outs):
