@@ -231,11 +231,11 @@ def head_and_brain_masks(image: np.ndarray, spacing: tuple[float, ...]) -> np.nd
     """Label map of an axial head MR from thresholds: 1 = head outside the brain mask, 2 = brain mask.
 
     Head: voxels above 10 % of the 99th intensity percentile ``p99``, opened
-    with a 3x3 in-plane square, the largest connected component, holes filled
-    slice by slice. Brain (intracranial soft tissue): voxels between 15 % and
-    60 % of ``p99`` inside the head mask eroded by a 10 mm in-plane disc
-    (drops scalp and skull), opened with a 5x5 in-plane square, the largest
-    component, holes filled slice by slice. Approximate on purpose (no skull
+    with a 3x3 in-plane square, holes filled slice by slice (the dark skull
+    inside the scalp), the largest connected component. Brain (intracranial
+    soft tissue): voxels between 15 % and 60 % of ``p99`` inside the head mask
+    eroded by a 10 mm in-plane disc (drops scalp and skull), opened with a 5x5
+    in-plane square, the largest component, holes filled slice by slice. Approximate on purpose (no skull
     stripping), but the same rule on both subjects.
     """
     p99 = float(np.percentile(image, 99))
@@ -249,7 +249,7 @@ def head_and_brain_masks(image: np.ndarray, spacing: tuple[float, ...]) -> np.nd
     def fill_slices(mask: np.ndarray) -> np.ndarray:
         return np.stack([ndimage.binary_fill_holes(mask[..., z]) for z in range(mask.shape[2])], axis=-1)
 
-    head = fill_slices(largest(ndimage.binary_opening(image > 0.1 * p99, np.ones((3, 3, 1), bool))))
+    head = largest(fill_slices(ndimage.binary_opening(image > 0.1 * p99, np.ones((3, 3, 1), bool))))
     radius = max(1, int(round(10.0 / float(spacing[0]))))
     yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
     disc = (xx**2 + yy**2 <= radius**2)[..., None]
