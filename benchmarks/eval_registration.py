@@ -344,7 +344,8 @@ def score_before(pair: Pair, work: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- running methods
 def run_timed(cmd: list[str], log: Path, timeout: float | None = None) -> dict[str, Any]:
     """Run ``cmd`` to completion (or kill its process group after ``timeout`` s); wall seconds,
-    exit code and peak RSS (MiB) of that process alone (``wait4``)."""
+    exit code, CPU seconds (user + system, all threads) and peak RSS (MiB) of that process alone
+    (``wait4``); on a shared machine the CPU seconds move less with the load than the wall clock."""
     with open(log, "w", encoding="utf-8") as fh:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
@@ -360,8 +361,8 @@ def run_timed(cmd: list[str], log: Path, timeout: float | None = None) -> dict[s
         seconds = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     timed_out = timeout is not None and seconds > timeout
-    return {"rc": proc.returncode, "process_seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024.0,
-            "timed_out": timed_out}  # fmt: skip
+    return {"rc": proc.returncode, "process_seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "peak_rss_mib": usage.ru_maxrss / 1024.0, "timed_out": timed_out}  # fmt: skip
 
 
 def gvsl_options(gvsl: str) -> set[str]:
@@ -418,6 +419,7 @@ def run_method(method: str, pair: Pair, work: Path, args: argparse.Namespace, re
     row = score(pair, work / "warped.nii.gz", work / "warped_labels.nii.gz", work / "dvf.nii.gz")
     row["seconds"] = statistics.median(r["seconds"] for r in runs)
     row["process_seconds"] = statistics.median(r["process_seconds"] for r in runs)
+    row["cpu_seconds"] = statistics.median(r["cpu_seconds"] for r in runs)
     row["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
     row["runs"] = runs
     row["command"] = cmd
@@ -452,7 +454,7 @@ def set_table(
     """Markdown table of one pair set: mean (± std over pairs) per method."""
     dice_keys = [f"dice_{r}" for r in regions] + ["dice_mean"]
     head = ["method", "pairs", *[k.removeprefix("dice_") + " Dice" for k in dice_keys], "NCC", "folding %",
-            "s / pair", "process s", "peak RSS MiB"]  # fmt: skip
+            "s / pair", "process s", "CPU s", "peak RSS MiB"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in ["before", *methods]:
         rs = [r for r in rows if r["set"] == set_name and r["method"] == m and "error" not in r]
@@ -464,10 +466,14 @@ def set_table(
         cells = [_fmt([r[k] for r in rs]) for k in dice_keys]
         cells += [_fmt([r["ncc"] for r in rs]), _fmt([r["folding_percent"] for r in rs], 3)]
         if m == "before":
-            cells += ["", "", ""]
+            cells += ["", "", "", ""]
         else:
-            cells += [_fmt([r["seconds"] for r in rs], 2), _fmt([r["process_seconds"] for r in rs], 2),
-                      f"{max(r['peak_rss_mib'] for r in rs):.0f}"]  # fmt: skip
+            cells += [
+                _fmt([r["seconds"] for r in rs], 2),
+                _fmt([r["process_seconds"] for r in rs], 2),
+                _fmt([r.get("cpu_seconds") for r in rs], 1),
+                f"{max(r['peak_rss_mib'] for r in rs):.0f}",
+            ]
         lines.append(f"| {METHOD_NAMES[m]} | {len(rs)}{'' if not errors else f' ({len(errors)} failed)'} | "
                      + " | ".join(cells) + " |")  # fmt: skip
     return lines
