@@ -501,6 +501,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--peer-timeout", type=float, default=900.0, help="seconds before a peer run is stopped")
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows of OUT/registration.json that succeeded; run the missing ones")  # fmt: skip
+    ap.add_argument("--import-rows", type=Path, action="append", default=[],
+                    help="registration.json of another run with the same pairs (seed, counts): its successful rows "
+                    "count as done (repeatable; e.g. gvsl and peers run side by side into two folders)")  # fmt: skip
     ap.add_argument("--spacing", type=float, default=2.0, help="MNI subjects' spacing (mm)")
     ap.add_argument("--seed", type=int, default=1000, help="pairs' seed (the default model trained on seed 0)")
     ap.add_argument("--source", default="mni", help="MNI template: mni (nilearn, 1 mm) or sample (bundled 2 mm)")
@@ -559,7 +562,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     earlier: list[dict[str, Any]] = []
     if args.resume and (out / "registration.json").is_file():
         earlier = json.loads((out / "registration.json").read_text(encoding="utf-8"))["rows"]
-    done = {(r["pair"], r["method"]): r for r in earlier if "error" not in r}
+    for other in args.import_rows:
+        earlier += [r for r in json.loads(other.read_text(encoding="utf-8"))["rows"] if r["method"] != "before"]
+    done = {(r["pair"], r["method"]): r for r in earlier if "error" not in r and r["method"] != "before"}
     started = time.time()
     result = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
