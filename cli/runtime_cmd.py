@@ -388,9 +388,40 @@ def register(
         Path | None, typer.Option(help="Overview PNG: fixed, moving, warped, checkerboard in three planes.")
     ] = None,
     metrics: Annotated[Path | None, typer.Option(help="Write the quality figures as JSON.")] = None,
+    fixed_labels: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Label map(s) of the fixed image, one per --labels in the same order: report the Dice of each "
+            "warped moving label against them."
+        ),
+    ] = None,
     init: Annotated[
-        str, typer.Option(help="Initial alignment: world (scanner frames) or center (FOV centres).")
-    ] = "world",
+        str,
+        typer.Option(
+            help="Initial alignment: auto (world when the fields of view overlap by half or more, else moments), "
+            "world (scanner frames), center (FOV centres) or moments (intensity centres of mass)."
+        ),
+    ] = "auto",
+    refine: Annotated[
+        int,
+        typer.Option(
+            help="Instance-refinement iterations per pyramid level after the network (greedy diffeomorphic "
+            "local-CC ascent, refine.onnx); 0 = the network alone."
+        ),
+    ] = 30,
+    refine_levels: Annotated[
+        str, typer.Option(help="Refinement pyramid: isotropic spacings in mm, coarse to fine, e.g. 4,2 or 4,2,1.")
+    ] = "4,2",
+    similarity: Annotated[
+        str, typer.Option(help="Refinement similarity: ncc (local normalised cross-correlation).")
+    ] = ("ncc"),
+    regularisation: Annotated[
+        float,
+        typer.Option(
+            help="Refinement smoothness in [0, 1]: how far the field is pulled towards its smoothed self each "
+            "iteration (higher = smoother, less detail)."
+        ),
+    ] = 0.3,
     backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "auto",
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     max_voxels: Annotated[int, typer.Option(help="Refuse inputs with more voxels than this.")] = 512 * 512 * 2048,
@@ -403,8 +434,17 @@ def register(
     field, warped label maps, an overview PNG and the quality figures (NCC
     before/after, Jacobian determinant, folding).
     """
-    from gvsl.runtime.register import Registrar
+    from gvsl.runtime.register import RefineOptions, Registrar
 
+    try:
+        levels = tuple(float(v) for v in refine_levels.split(","))
+    except ValueError:
+        raise typer.BadParameter(
+            f"--refine-levels {refine_levels}: give spacings in mm separated by commas, e.g. 4,2"
+        ) from None
+    options = RefineOptions(iterations=refine, levels=levels, similarity=similarity, regularisation=regularisation)
+    if fixed_labels and len(fixed_labels) != len(labels or []):
+        raise typer.BadParameter(f"--fixed-labels: {len(fixed_labels)} given for {len(labels or [])} --labels")
     if model is None and server is None:  # neither given: the small model shipped with gvsl
         from gvsl.runtime.default_model import default_model_dir
 
@@ -429,11 +469,15 @@ def register(
 
         with GvslClient(server, max_voxels=max_voxels) as client:
             client.check([client.register_model])
-            res = client.register(fixed, moving, labels=label_paths or None, init=init)
+            res = client.register(
+                fixed, moving, labels=label_paths or None, fixed_labels=fixed_labels or None, init=init, refine=options
+            )
         backend_name = client.name
     else:
-        with Registrar(model, backend, device, init=init, max_voxels=max_voxels, threads=threads) as reg:
-            res = reg.register(fixed, moving, labels=label_paths or None)
+        with Registrar(
+            model, backend, device, init=init, refine=options, max_voxels=max_voxels, threads=threads
+        ) as reg:
+            res = reg.register(fixed, moving, labels=label_paths or None, fixed_labels=fixed_labels or None)
         backend_name = reg.backend.name
     seconds = time.perf_counter() - t0
     written = [res.save_warped(out)]
@@ -450,6 +494,10 @@ def register(
             "fixed": str(fixed),
             "moving": str(moving),
             **res.metrics,
+            "init": res.init,
+            "dice": res.dice,
+            "stages_seconds": res.stages,
+            "refinement": res.refinement,
             "seconds": seconds,
             "affine_network": res.matrix.tolist(),
             "affine_world_ras": res.world_matrix.tolist(),
@@ -470,6 +518,14 @@ def register(
         table.add_row("Jacobian det min", f"{m['jacobian_min']:.4f}")
         table.add_row("folding voxels", f"{m['folding_percent']:.4f} %")
         table.add_row("max displacement", f"{m['max_displacement_mm']:.2f} mm")
+        table.add_row("initial alignment", res.init)
+        for level in res.refinement:
+            table.add_row(f"refine {level['spacing_mm']:g} mm", f"local CC {level['local_cc']:.4f}")
+        for name, scores in res.dice.items():
+            for label, value in scores.items():
+                table.add_row(f"Dice {Path(name).name} [{label}]", f"{value:.4f}")
+        for stage, secs in res.stages.items():
+            table.add_row(f"time: {stage}", f"{secs:.2f} s")
         err.print(table)
         for p in written:
             err.print(f"wrote {p}", highlight=False, markup=False)

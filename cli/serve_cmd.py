@@ -80,8 +80,21 @@ def serve(
     overlap: Annotated[float, typer.Option(help="Sliding-window overlap for volumes larger than the patch.")] = 0.5,
     window_batch: Annotated[int, typer.Option(help="Encoder windows per inference call.")] = 1,
     init: Annotated[
-        str, typer.Option(help="Default initial alignment for gvsl_register: world or center (per request: 'init').")
-    ] = "world",
+        str,
+        typer.Option(
+            help="Default initial alignment for gvsl_register: auto, world, center or moments (per request: 'init')."
+        ),
+    ] = "auto",
+    refine: Annotated[
+        int,
+        typer.Option(
+            help="Default refinement iterations per level for gvsl_register; 0 = network only (per request: 'refine')."
+        ),
+    ] = 30,
+    refine_levels: Annotated[str, typer.Option(help="Refinement pyramid spacings in mm, coarse to fine.")] = "4,2",
+    regularisation: Annotated[
+        float, typer.Option(help="Default refinement smoothness in [0, 1] (per request: 'regularisation').")
+    ] = 0.3,
     exit_timeout: Annotated[int, typer.Option(help="Seconds Triton waits for in-flight requests when stopping.")] = 10,
     log_file: Annotated[Path | None, typer.Option(help="Write Triton's log here instead of the console.")] = None,
     log_verbose: Annotated[int, typer.Option(help="Triton verbose log level (0 = off).")] = 0,
@@ -116,6 +129,7 @@ def serve(
             "--max-request-mb", str(max_request_mb), "--max-voxels", str(max_voxels), "--backend", backend,
             "--device", device, "--threads", str(threads), "--overlap", str(overlap),
             "--window-batch", str(window_batch), "--init", init, "--exit-timeout", str(exit_timeout),
+            "--refine", str(refine), "--refine-levels", refine_levels, "--regularisation", str(regularisation),
             "--log-verbose", str(log_verbose),
         ]  # fmt: skip
         if log_file is not None:
@@ -150,6 +164,9 @@ def serve(
         overlap=overlap,
         window_batch=window_batch,
         init=init,
+        refine=refine,
+        refine_levels=tuple(float(v) for v in refine_levels.split(",")),
+        regularisation=regularisation,
         exit_timeout=exit_timeout,
         log_verbose=log_verbose,
         log_file=log_path,

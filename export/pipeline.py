@@ -166,7 +166,7 @@ def run_export(
         set(onnx_precisions) | {("fp16" if p == "fp16" else "fp32") for p in engine_precisions},
         key=OX.ALL_PRECISIONS.index,
     )
-    total = len(KINDS) * (len(build_precisions) + len(engine_precisions)) + 1 + bool(opt.triton_repo)
+    total = len(KINDS) * (len(build_precisions) + len(engine_precisions)) + 1 + bool(opt.triton_repo) + want_onnx
     done = 0
 
     def step(label: str) -> None:
@@ -224,6 +224,9 @@ def run_export(
                             parity=[r.to_dict() for r in parity],
                         )
                     )
+        if want_onnx:
+            step("export refine.onnx")
+            manifest["artifacts"].append(_export_refine(tmp, opt.verify))
         engine_files: dict[str, Path] = {}
         for prec in engine_precisions:
             for kind in KINDS:
@@ -293,6 +296,35 @@ def run_export(
         for t in (tmp, triton_tmp):
             if t is not None and Path(t).exists():
                 shutil.rmtree(t, ignore_errors=True)
+
+
+def _export_refine(folder: Path, verify: bool) -> dict[str, Any]:
+    """Write ``refine.onnx`` (the instance-refinement graph, no learned weights) and its manifest entry."""
+    from gvsl.export.refine_graph import REFINE_ATOL, check_refine_tensorrt, export_refine, verify_refine
+    from gvsl.refine import RefineSettings
+
+    settings = RefineSettings()
+    path = export_refine(folder / "refine.onnx", settings)
+    parity = []
+    if verify:
+        result = verify_refine(path, settings)
+        if not result["passed"]:
+            raise ExportError(
+                f"refine.onnx: parity with PyTorch failed (max |diff| {result['max_abs']:.2e} > {REFINE_ATOL:g} after "
+                f"{result['iterations']} iterations); nothing was written (report this with the command line)"
+            )
+        parity.append(result)
+    issues = check_refine_tensorrt(path)
+    return file_entry(
+        path,
+        kind=A.REFINE,
+        format="onnx",
+        precision="fp32",
+        settings=settings.to_dict(),
+        **OX.graph_io(path),
+        tensorrt_compatible=not issues,
+        parity=parity,
+    )
 
 
 def _commit(tmp: Path, dest: Path) -> None:

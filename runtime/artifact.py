@@ -12,6 +12,7 @@ FORMAT = "gvsl-onnx"
 #: graph kinds
 ENCODER = "encoder"
 REGISTRATION = "registration"
+REFINE = "refine"
 
 #: encoder graph: image [N,1,D,H,W] -> embedding [N,C], features [N,F,D,H,W] (optional)
 ENCODER_INPUTS = ("image",)
@@ -21,6 +22,11 @@ ENCODER_OUTPUTS = ("embedding", "features")
 #: voxels, channel a = shift along array axis a), warped [N,1,D,H,W]
 REGISTRATION_INPUTS = ("fixed", "moving")
 REGISTRATION_OUTPUTS = ("affine", "dvf", "warped")
+
+#: refine graph (no learned weights, gvsl.refine): fixed, moving [1,1,D,H,W], dvf [1,3,D,H,W] (voxels),
+#: iterations (int64 scalar), step, regularisation (float [1]) -> dvf_refined [1,3,D,H,W], similarity [1]
+REFINE_INPUTS = ("fixed", "moving", "dvf", "iterations", "step", "regularisation")
+REFINE_OUTPUTS = ("dvf_refined", "similarity")
 
 #: metadata_props keys (values are strings; JSON where structured)
 META_FORMAT = "gvsl.format"  # FORMAT
@@ -33,3 +39,4 @@ META_WEIGHTS_SHA = "gvsl.weights_sha256"  # sha256 of the source weights file
 META_PRECISION = "gvsl.precision"  # "fp32" | "fp16"
 META_WARP = "gvsl.warp"  # "gather" (TensorRT-buildable) | "grid_sample"
 META_DENSE = "gvsl.dense"  # "true" | "false": encoder has the features output
+META_REFINE = "gvsl.refine"  # JSON of gvsl.refine.RefineSettings.to_dict(): the refine graph's constants

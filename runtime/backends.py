@@ -67,10 +67,11 @@ BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 #: Sliding-window size assumed for an official ``.pth`` (it records no training patch).
 DEFAULT_PATCH = (128, 128, 128)
 
-_ONNX_NAMES = {A.ENCODER: "encoder.onnx", A.REGISTRATION: "registration.onnx"}
+_ONNX_NAMES = {A.ENCODER: "encoder.onnx", A.REGISTRATION: "registration.onnx", A.REFINE: "refine.onnx"}
 _IO = {
     A.ENCODER: (A.ENCODER_INPUTS, A.ENCODER_OUTPUTS),
     A.REGISTRATION: (A.REGISTRATION_INPUTS, A.REGISTRATION_OUTPUTS),
+    A.REFINE: (A.REFINE_INPUTS, A.REFINE_OUTPUTS),
 }
 _TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
 
@@ -120,6 +121,23 @@ def _info_from_metadata(meta: Mapping[str, str], path: Path, want_kind: str) -> 
             f"{name}: is a gvsl {kind or 'unknown'} graph, but this needs the {want_kind} graph "
             f"({_ONNX_NAMES[want_kind]}); pass the export folder or that file",
             name,
+        )
+    if kind == A.REFINE:  # no learned weights: its constants are all it describes
+        try:
+            settings = json.loads(meta.get(A.META_REFINE) or "{}")
+        except ValueError as e:
+            raise GvslInputError(
+                f"{name}: gvsl refine metadata is damaged ({e}); export the model again", name
+            ) from None
+        return ModelInfo(
+            kind=kind,
+            path=name,
+            model={},
+            preprocess=PreprocessConfig(),
+            patch_size=DEFAULT_PATCH,
+            precision=meta.get(A.META_PRECISION, "fp32"),
+            version=meta.get(A.META_VERSION, ""),
+            extra={"refine": settings},
         )
     try:
         model = json.loads(meta[A.META_MODEL])
@@ -187,7 +205,7 @@ def resolve_model_file(model: str | os.PathLike[str], kind: str) -> tuple[Path, 
     ``.safetensors`` / ``.pth`` (torch only).
     """
     if kind not in _IO:
-        raise ValueError(f"kind must be {A.ENCODER!r} or {A.REGISTRATION!r}, got {kind!r}")
+        raise ValueError(f"kind must be one of {', '.join(map(repr, _IO))}, got {kind!r}")
     p = Path(model)
     name = str(model)
     if not p.exists():
@@ -338,6 +356,14 @@ def _shape_str(shape: Sequence[int]) -> str:
 def _profile(info: ModelInfo, max_shape: Sequence[int] | None, max_batch: int) -> dict[str, tuple]:
     """(min, opt, max) input shapes for engine builders: encoder windows never exceed
     the patch; the registration graph takes the whole padded volume up to ``max_shape``."""
+    if info.kind == A.REFINE:  # whole level grids of any size >= 2, plus fixed-shape scalars
+        top = tuple(int(s) for s in (max_shape or (256, 256, 256)))
+        prof: dict[str, tuple] = {}
+        for name, channels in (("fixed", 1), ("moving", 1), ("dvf", 3)):
+            prof[name] = ((1, channels, 2, 2, 2), (1, channels, 96, 96, 96), (1, channels, *top))
+        prof["iterations"] = ((), (), ())
+        prof["step"] = prof["regularisation"] = ((1,), (1,), (1,))
+        return prof
     patch = tuple(int(p) for p in info.patch_size)
     top = patch
     if info.kind == A.REGISTRATION:
@@ -412,7 +438,10 @@ class OnnxRuntimeBackend(Backend):
                 str(path),
             )
         self._outputs = tuple(o for o in _IO[kind][1] if o in names)
-        self._in_dtype = {n: (np.float16 if "float16" in i.type else np.float32) for n, i in ins.items()}
+        self._in_dtype = {
+            n: (np.float16 if "float16" in i.type else np.int64 if "int64" in i.type else np.float32)
+            for n, i in ins.items()
+        }
         used = self.session.get_providers()
         self.providers = tuple(used)
         self.name = f"onnxruntime[{used[0].replace('ExecutionProvider', '')}]"

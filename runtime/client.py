@@ -272,11 +272,15 @@ class GvslClient:
         fixed: VolumeLike,
         moving: VolumeLike,
         labels: VolumeLike | Sequence[VolumeLike] | None = None,
-        init: str = "world",
+        init: str = "auto",
+        refine: Any = None,
+        fixed_labels: VolumeLike | Sequence[VolumeLike] | None = None,
     ) -> Any:
         """Register ``moving`` onto ``fixed`` on the server; returns a ``Registration`` on the
-        fixed grid (label maps warped here with the served field)."""
-        from .register import Registration, _centre
+        fixed grid (label maps warped, and scored against ``fixed_labels``, here with the served
+        field). ``refine``: a :class:`~gvsl.runtime.refine.RefineOptions` (iterations and
+        regularisation are sent; ``None`` = the server's defaults)."""
+        from .register import Registration, score_labels
         from .warp import warp_by_displacement
 
         if init not in INITS:
@@ -285,6 +289,18 @@ class GvslClient:
         mvol = read_volume(moving, max_voxels=self.max_voxels)
         label_list: list[Any] = [] if labels is None else labels if isinstance(labels, list) else [labels]
         label_maps = [load_labels(lab, max_voxels=self.max_voxels) for lab in label_list]
+        reference_list: list[Any] = (
+            []
+            if fixed_labels is None
+            else list(fixed_labels)
+            if isinstance(fixed_labels, list | tuple)
+            else [fixed_labels]
+        )
+        reference_maps = [load_labels(lab, max_voxels=self.max_voxels) for lab in reference_list]
+        extra: dict[str, np.ndarray] = {}
+        if refine is not None:
+            extra["refine"] = np.array([[int(refine.iterations)]], dtype=np.int32)
+            extra["regularisation"] = np.array([[float(refine.regularisation)]], dtype=np.float32)
         out = self.infer(
             self.register_model,
             {
@@ -293,11 +309,12 @@ class GvslClient:
                 "moving": mvol.data[None],
                 "moving_affine": mvol.affine[None].astype(np.float64),
                 "init": np.array([[init.encode()]], dtype=object),
+                **extra,
             },
-            ["affine", "matrix", "dvf", "warped", "metrics"],
+            ["affine", "matrix", "dvf", "warped", "metrics", "shift"],
         )
         dvf_mm = out["dvf"][0]
-        shift = _centre(mvol) - _centre(fvol) if init == "center" else np.zeros(3)
+        shift = np.asarray(out["shift"][0], dtype=np.float64)
         fill = float(mvol.data.min())
         before = warp_by_displacement(
             mvol.data, mvol.affine, fvol.affine, None, order=1, cval=fill, shift_mm=shift, dst_shape=fvol.data.shape
@@ -318,4 +335,6 @@ class GvslClient:
             fixed_source=fvol.source,
             moving_source=mvol.source,
             label_sources=[name for _, _, name in label_maps],
+            shift_mm=shift,
+            dice=score_labels(warped_labels, label_maps, reference_maps, fvol),
         )

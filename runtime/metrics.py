@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["dice", "folding_stats", "jacobian_determinant", "ncc"]
+__all__ = ["dice", "folding_stats", "jacobian_determinant", "label_dice", "ncc"]
 
 
 def ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
@@ -32,6 +32,17 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     b = np.asarray(b, dtype=bool)
     total = int(a.sum()) + int(b.sum())
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def label_dice(warped: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Dice of every non-zero label of ``reference`` (and of ``warped``) between the two maps,
+    keyed by the label value as text, plus ``"mean"`` over those labels."""
+    a = np.asarray(warped)
+    b = np.asarray(reference)
+    values = sorted({int(v) for v in np.unique(b) if v != 0} | {int(v) for v in np.unique(a) if v != 0})
+    out = {str(v): dice(a == v, b == v) for v in values}
+    out["mean"] = float(np.mean(list(out.values()))) if out else 1.0
+    return out
 
 
 def jacobian_determinant(disp_mm: np.ndarray, affine: np.ndarray, slab_voxels: int = 1 << 20) -> np.ndarray:

@@ -6,12 +6,18 @@ clinical pipeline:
 
 1. both volumes are preprocessed with the model's settings (RAS+,
    resampling, normalisation); the moving one is then resampled onto the
-   fixed one's model grid through world coordinates (``init="world"``: the
-   scanners' frames are trusted; ``init="center"``: the two field-of-view
-   centres are superimposed first, for images whose world origins disagree);
+   fixed one's model grid through world coordinates after an initial shift
+   (``init="world"``: the scanners' frames are trusted; ``"center"``: the two
+   field-of-view centres are superimposed; ``"moments"``: the intensity
+   centres of mass are; ``"auto"``, the default: world when the two fields of
+   view overlap by at least half of the smaller one, moments otherwise, since
+   two patients' scans often have world origins hundreds of mm apart);
 2. the graph predicts the affine and the fused displacement ``dvf`` (voxels,
    pull-back: fixed voxel ``p`` reads moving voxel ``p + dvf(p)``) on the
    padded model grid;
+   then, unless refinement is off, :mod:`gvsl.runtime.refine` improves the
+   transform for this pair with the exported ``refine.onnx`` graph
+   (coarse-to-fine greedy local-CC ascent);
 3. that field becomes a world field ``d(x)`` in RAS mm (``A · dvf`` with the
    grid's affine ``A``, plus the initial shift), is resampled trilinearly to
    the fixed image's voxel centres (from the padded grid, so voxels just past
@@ -28,14 +34,17 @@ moving -r fixed -t dvf.nii.gz`` or SimpleITK's ``DisplacementFieldTransform``
 reproduce ``warped``.
 
 Quality figures: global NCC (Pearson r of the model-normalised intensities on
-the fixed grid) before (initial alignment only) and after, and the Jacobian
+the fixed grid) before (initial alignment only) and after, the Jacobian
 determinant of ``x -> x + d(x)``: minimum and % of voxels with det <= 0
-(folding).
+(folding), the seconds spent in each stage and, given label maps of the fixed
+image, the Dice of each warped moving label against them.
 """
 
 from __future__ import annotations
 
 import os
+import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,18 +53,30 @@ from typing import Any
 import numpy as np
 
 from . import artifact as A
-from .backends import Backend, ModelInfo, load_backend
+from .backends import Backend, ModelInfo, load_backend, resolve_model_file
 from .errors import GvslInputError
 from .geometry import dvf_voxel_to_mm
 from .io import DEFAULT_MAX_VOXELS, VolumeLike, load_labels, read_volume, save_displacement_field
-from .metrics import folding_stats, jacobian_determinant, ncc
+from .metrics import folding_stats, jacobian_determinant, label_dice, ncc
 from .preprocess import Volume, normalize_intensity, pad_to_multiple, preprocess, save_nifti
+from .refine import RefineOptions, refine_world_field
 from .warp import resample_to_grid, warp_by_displacement
 
-__all__ = ["INITS", "Registrar", "Registration", "network_affine_to_voxel"]
+__all__ = [
+    "INITS",
+    "RefineOptions",
+    "Registrar",
+    "Registration",
+    "fov_overlap",
+    "initial_shift",
+    "network_affine_to_voxel",
+    "score_labels",
+]
 
-INITS = ("world", "center")
+INITS = ("auto", "world", "center", "moments")
 SIZE_MULTIPLE = 16
+#: ``init="auto"`` trusts world coordinates when the fields of view overlap by this fraction of the smaller
+AUTO_WORLD_OVERLAP = 0.5
 
 
 def network_affine_to_voxel(mat: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -85,6 +106,64 @@ def _centre(vol: Volume) -> np.ndarray:
     return a[:3, :3] @ ((np.asarray(vol.data.shape, dtype=np.float64) - 1) / 2) + a[:3, 3]
 
 
+def _world_box(vol: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned world (RAS mm) bounding box of a volume's field of view (voxel edges)."""
+    n = np.asarray(vol.data.shape[:3], dtype=np.float64)
+    corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=np.float64) * n - 0.5
+    world = corners @ vol.affine[:3, :3].T + vol.affine[:3, 3]
+    return world.min(axis=0), world.max(axis=0)
+
+
+def fov_overlap(fixed: Volume, moving: Volume, shift_mm: Sequence[float] = (0.0, 0.0, 0.0)) -> float:
+    """Volume of the intersection of the two fields of view (the moving one moved by
+    ``-shift_mm``, i.e. after an initial alignment ``shift_mm``) over the smaller one."""
+    flo, fhi = _world_box(fixed)
+    mlo, mhi = _world_box(moving)
+    shift = np.asarray(shift_mm, dtype=np.float64)
+    mlo, mhi = mlo - shift, mhi - shift
+    inter = np.prod(np.clip(np.minimum(fhi, mhi) - np.maximum(flo, mlo), 0.0, None))
+    smaller = min(np.prod(fhi - flo), np.prod(mhi - mlo))
+    return float(inter / smaller) if smaller > 0 else 0.0
+
+
+def centre_of_mass(vol: Volume) -> np.ndarray:
+    """World (RAS mm) centre of mass of a preprocessed volume's intensities (values below 0 count 0)."""
+    weights = np.clip(np.asarray(vol.data, dtype=np.float64), 0.0, None)
+    total = weights.sum()
+    if not np.isfinite(total) or total <= 0:
+        raise GvslInputError(
+            f"{vol.source}: no foreground for --init moments (the image is empty after normalisation); "
+            "use --init world or center",
+            vol.source,
+        )
+    index = [np.arange(n, dtype=np.float64) for n in weights.shape]
+    com = np.array(
+        [(weights.sum(axis=tuple(a for a in range(3) if a != axis)) * index[axis]).sum() / total for axis in range(3)]
+    )
+    return vol.affine[:3, :3] @ com + vol.affine[:3, 3]
+
+
+def initial_shift(
+    init: str, fixed: Volume, moving: Volume, fixed_pre: Volume, moving_pre: Volume
+) -> tuple[np.ndarray, str]:
+    """The initial alignment ``shift`` (moving point = fixed point + shift) and the mode used."""
+    if init == "auto":
+        init = "world" if fov_overlap(fixed, moving) >= AUTO_WORLD_OVERLAP else "moments"
+    if init == "world":
+        shift = np.zeros(3)
+    elif init == "center":
+        shift = _centre(moving) - _centre(fixed)
+    else:
+        shift = centre_of_mass(moving_pre) - centre_of_mass(fixed_pre)
+    if fov_overlap(fixed, moving, shift) <= 0.0:
+        raise GvslInputError(
+            f"{moving.source}: does not overlap {fixed.source} even after --init {init} alignment "
+            "(no common field of view); check that the two scans show the same anatomy",
+            moving.source,
+        )
+    return shift, init
+
+
 @dataclass
 class Registration:
     """Result of :meth:`Registrar.register`; every array is on the fixed image's grid
@@ -96,7 +175,11 @@ class Registration:
     ``matrix`` the affine head's ``[3, 4]`` (official normalised convention)
     and ``world_matrix`` the same affine as a 4x4 RAS map fixed mm -> moving mm
     (initial shift included); ``moving_before`` the moving image after the
-    initial alignment only; ``metrics`` the quality figures.
+    initial alignment only; ``metrics`` the quality figures; ``init`` the initial
+    alignment used and ``shift_mm`` its world shift (moving point = fixed point
+    + shift); ``dice`` per label map (by source) the Dice of each label against
+    the fixed labels given; ``stages`` seconds per stage; ``refinement`` one
+    record per refinement level run.
     """
 
     warped: np.ndarray
@@ -111,6 +194,11 @@ class Registration:
     fixed_source: str = "<fixed>"
     moving_source: str = "<moving>"
     label_sources: list[str] = field(default_factory=list)
+    init: str = "world"
+    shift_mm: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    dice: dict[str, dict[str, float]] = field(default_factory=dict)
+    stages: dict[str, float] = field(default_factory=dict)
+    refinement: list[dict[str, Any]] = field(default_factory=list)
 
     def save_warped(self, path: str | os.PathLike[str]) -> Path:
         return save_nifti(path, self.warped, self.affine)
@@ -132,14 +220,57 @@ class Registration:
         )
 
 
+def score_labels(
+    warped_labels: Sequence[np.ndarray],
+    label_maps: Sequence[tuple[np.ndarray, np.ndarray, str]],
+    reference_maps: Sequence[tuple[np.ndarray, np.ndarray, str]],
+    fixed: Volume,
+) -> dict[str, dict[str, float]]:
+    """Per-label Dice of each warped moving label map (on the fixed grid) against the fixed
+    image's label map in the same position (read onto the fixed grid when it lies elsewhere)."""
+    scores: dict[str, dict[str, float]] = {}
+    for moved, (_, _, name), (ref, ref_affine, _) in zip(warped_labels, label_maps, reference_maps, strict=False):
+        on_fixed = ref
+        if ref.shape != fixed.data.shape or not np.allclose(ref_affine, fixed.affine, atol=1e-4):
+            on_fixed = resample_to_grid(ref, ref_affine, fixed.affine, fixed.data.shape, order=0, mode="constant")
+        scores[name] = label_dice(moved, on_fixed)
+    return scores
+
+
+def _refine_file(model: Any) -> Path | None:
+    """``refine.onnx`` for ``model``: beside it in its export folder, else the one shipped with
+    the default model (the graph has no learned weights, so any export's copy serves)."""
+    if not isinstance(model, Backend):
+        try:
+            path, fmt = resolve_model_file(model, A.REFINE)
+            if fmt == "onnx":
+                return path
+        except GvslInputError:
+            pass
+    from .default_model import default_model_dir
+
+    shipped = Path(default_model_dir()) / "refine.onnx"
+    return shipped if shipped.is_file() else None
+
+
+def _as_list(items: VolumeLike | Sequence[VolumeLike] | None) -> list[Any]:
+    if items is None:
+        return []
+    return list(items) if isinstance(items, list | tuple) else [items]
+
+
 class Registrar:
     """Deformable registration with a gvsl registration graph (thread-safe; reuse it).
 
     ``model``: export folder / ``registration.onnx`` (onnxruntime, tensorrt)
-    or a trained model folder / ``.pth`` (torch). ``init``: "world" or
-    "center" (see module doc). ``fill``: value outside the moving image's
-    field of view ("min" = its minimum, i.e. air/background). Extra keywords
-    go to the backend (``threads``, ``cache_dir``, ``max_shape`` ...).
+    or a trained model folder / ``.pth`` (torch). ``init``: "auto", "world",
+    "center" or "moments" (see module doc). ``refine``: the instance
+    refinement after the network (:class:`RefineOptions`; ``None`` or
+    ``iterations=0`` = the network alone; default: :class:`RefineOptions`' defaults); ``refine_model``: the
+    ``refine.onnx`` to run (default: the one beside ``model``, else the one
+    shipped with gvsl). ``fill``: value outside the moving image's field of
+    view ("min" = its minimum, i.e. air/background). Extra keywords go to the
+    backends (``threads``, ``cache_dir``, ``max_shape`` ...).
     """
 
     def __init__(
@@ -148,7 +279,9 @@ class Registrar:
         backend: str = "auto",
         device: str = "auto",
         *,
-        init: str = "world",
+        init: str = "auto",
+        refine: RefineOptions | None = None,
+        refine_model: str | os.PathLike[str] | Backend | None = None,
         fill: float | str = "min",
         max_voxels: int | None = DEFAULT_MAX_VOXELS,
         **backend_options: Any,
@@ -163,6 +296,21 @@ class Registrar:
             self.backend = load_backend(model, A.REGISTRATION, backend, device, **backend_options)
         if self.backend.info.kind != A.REGISTRATION:
             raise GvslInputError(f"{self.backend.info.path}: not a registration graph", self.backend.info.path)
+        self.refine_options = refine if refine is not None else RefineOptions()
+        self.refiner: Backend | None = None
+        if isinstance(refine_model, Backend):
+            self.refiner = refine_model
+        else:
+            path = Path(refine_model) if refine_model is not None else _refine_file(model)
+            if path is not None:
+                refine_backend = "onnxruntime" if backend in ("auto", "torch") else backend
+                self.refiner = load_backend(path, A.REFINE, refine_backend, device, **backend_options)
+            elif self.refine_options.enabled:
+                warnings.warn(
+                    f"{self.backend.info.path}: this export has no refine.onnx; registering with the network alone "
+                    "(re-export with `gvsl export` for refinement)",
+                    stacklevel=2,
+                )
         self.init = init
         self.fill = fill
         self.max_voxels = max_voxels
@@ -173,6 +321,8 @@ class Registrar:
 
     def close(self) -> None:
         self.backend.close()
+        if self.refiner is not None:
+            self.refiner.close()
 
     def __enter__(self) -> Registrar:
         return self
@@ -185,22 +335,47 @@ class Registrar:
         fixed: VolumeLike,
         moving: VolumeLike,
         labels: VolumeLike | Sequence[VolumeLike] | None = None,
+        fixed_labels: VolumeLike | Sequence[VolumeLike] | None = None,
+        *,
+        init: str | None = None,
+        refine: RefineOptions | None = None,
     ) -> Registration:
         """Register ``moving`` onto ``fixed``; ``labels`` are label maps of the moving
-        image (one or a list; any grid, their own affine is used)."""
+        image (one or a list; any grid, their own affine is used) and ``fixed_labels``
+        the matching label maps of the fixed image (same order), scored by Dice.
+        ``init`` / ``refine`` override this registrar's settings for this call."""
+        init = init or self.init
+        if init not in INITS:
+            raise GvslInputError(f"--init {init}: use one of {', '.join(INITS)}")
+        options = refine if refine is not None else self.refine_options
+        if options.enabled and self.refiner is None:
+            raise GvslInputError(
+                f"{self.info.path}: refinement asked for, but no refine.onnx was found; re-export the model with "
+                "`gvsl export`, or use --refine 0",
+                self.info.path,
+            )
+        stages: dict[str, float] = {}
+        clock = [time.perf_counter()]
+
+        def lap(name: str) -> None:
+            now = time.perf_counter()
+            stages[name] = stages.get(name, 0.0) + now - clock[0]
+            clock[0] = now
+
         fvol = read_volume(fixed, max_voxels=self.max_voxels, name=None)
         mvol = read_volume(moving, max_voxels=self.max_voxels, name=None)
-        if labels is None:
-            label_list: list[Any] = []
-        elif isinstance(labels, list):
-            label_list = labels
-        else:
-            label_list = [labels]
-        label_maps = [load_labels(lab, max_voxels=self.max_voxels) for lab in label_list]
+        label_maps = [load_labels(lab, max_voxels=self.max_voxels) for lab in _as_list(labels)]
+        reference_maps = [load_labels(lab, max_voxels=self.max_voxels) for lab in _as_list(fixed_labels)]
+        if reference_maps and len(reference_maps) != len(label_maps):
+            raise GvslInputError(
+                f"--fixed-labels: {len(reference_maps)} given for {len(label_maps)} --labels; give one fixed label "
+                "map per moving label map, in the same order"
+            )
         cfg = self.info.preprocess
         fpre = preprocess(fvol, cfg)
         mpre = preprocess(mvol, cfg)
-        shift = _centre(mvol) - _centre(fvol) if self.init == "center" else np.zeros(3)
+        shift, init_used = initial_shift(init, fvol, mvol, fpre, mpre)
+        lap("read and preprocess")
 
         # moving onto the fixed model grid through world space (+ initial shift); 0 = background
         moving_on_fixed = resample_to_grid(
@@ -211,15 +386,26 @@ class Registrar:
         out = self.backend.run({"fixed": fpad[None, None], "moving": mpad[None, None]}, ["affine", "dvf"])
         matrix = out["affine"][0].astype(np.float64)
         dvf = out["dvf"][0]  # [3, *padded fixed model grid], voxels
-
-        # world field on the fixed image's own grid. The padded grid is kept: where the
-        # fixed image reaches past the last model voxel centre (resampling rounds the
-        # size), the network's own prediction in the margin beats repeating the edge.
+        # world field on the padded model grid. The padded grid is kept: where the fixed image
+        # reaches past the last model voxel centre (resampling rounds the size), the network's
+        # own prediction in the margin beats repeating the edge.
         pad_affine = fpre.affine @ _translation([-b for b, _ in pads])
-        d_model = dvf_voxel_to_mm(dvf, pad_affine).astype(np.float32)
-        dvf_mm = resample_to_grid(d_model, pad_affine, fvol.affine, fvol.data.shape, order=1, mode="nearest")
-        dvf_mm += shift.reshape(3, 1, 1, 1).astype(np.float32)
+        field_mm = dvf_voxel_to_mm(dvf, pad_affine).astype(np.float32)
+        field_affine = pad_affine
+        lap("network")
 
+        refinement: list[dict[str, Any]] = []
+        if self.refiner is not None and options.enabled:
+            result = refine_world_field(
+                self.refiner, fvol, mvol, cfg, field_mm, field_affine, shift, options, timer=lap
+            )
+            field_mm, field_affine = result.dvf_mm, result.affine
+            refinement = result.levels
+            for level in refinement:
+                level["start"] = "network" if result.started_from_network else "initial alignment"
+
+        dvf_mm = resample_to_grid(field_mm, field_affine, fvol.affine, fvol.data.shape, order=1, mode="nearest")
+        dvf_mm += shift.reshape(3, 1, 1, 1).astype(np.float32)
         fill = float(mvol.data.min()) if self.fill == "min" else float(self.fill)
         warped = warp_by_displacement(mvol.data, mvol.affine, fvol.affine, dvf_mm, order=1, cval=fill)
         before = warp_by_displacement(
@@ -228,6 +414,7 @@ class Registrar:
         warped_labels = [
             warp_by_displacement(lab, lab_aff, fvol.affine, dvf_mm, order=0, cval=0) for lab, lab_aff, _ in label_maps
         ]
+        lap("warp")
 
         # the affine head's matrix as a world map (fixed RAS mm -> moving RAS mm)
         vox = np.eye(4)
@@ -244,6 +431,9 @@ class Registrar:
             "folding_percent": folding,
             "max_displacement_mm": float(np.sqrt((dvf_mm.astype(np.float64) ** 2).sum(axis=0)).max()),
         }
+        dice_scores = score_labels(warped_labels, label_maps, reference_maps, fvol)
+        metrics.update({f"dice_mean[{Path(name).name}]": scores["mean"] for name, scores in dice_scores.items()})
+        lap("metrics")
         return Registration(
             warped=warped,
             affine=fvol.affine,
@@ -257,4 +447,9 @@ class Registrar:
             fixed_source=fvol.source,
             moving_source=mvol.source,
             label_sources=[name for _, _, name in label_maps],
+            init=init_used,
+            shift_mm=shift,
+            dice=dice_scores,
+            stages=stages,
+            refinement=refinement,
         )

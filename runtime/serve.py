@@ -52,6 +52,7 @@ import numpy as np
 
 from .errors import GvslInputError
 from .io import DEFAULT_MAX_VOXELS
+from .register import INITS
 
 __all__ = [
     "EMBED_MODEL",
@@ -72,7 +73,6 @@ ERROR_OUTPUT = "error"
 ERROR_PREFIX = "gvsl-error: "
 #: order of ``gvsl_register``'s ``metrics`` output (keys of ``Registration.metrics``)
 METRICS = ("ncc_before", "ncc_after", "jacobian_min", "folding_percent", "max_displacement_mm")
-INITS = ("world", "center")
 
 LOG = logging.getLogger("gvsl.serve")
 
@@ -108,7 +108,10 @@ class ServeOptions:
     threads: int = 0
     overlap: float = 0.5
     window_batch: int = 1
-    init: str = "world"
+    init: str = "auto"
+    refine: int = 30
+    refine_levels: tuple[float, ...] = (4.0, 2.0)
+    regularisation: float = 0.3
     exit_timeout: int = 10
     log_verbose: int = 0
     log_file: Path | None = None
@@ -338,9 +341,9 @@ class RegisterHandler(_Handler):
 
     model_name = REGISTER_MODEL
 
-    def __init__(self, registrars: dict[str, Any], opts: ServeOptions) -> None:
+    def __init__(self, registrar: Any, opts: ServeOptions) -> None:
         super().__init__(opts)
-        self.registrars = registrars
+        self.registrar = registrar
         self.default_init = opts.init
 
     def one(self, req: Any) -> dict[str, np.ndarray]:
@@ -348,19 +351,29 @@ class RegisterHandler(_Handler):
         faff, maff = req["fixed_affine"], req["moving_affine"]
         if fixed.shape[0] != moving.shape[0]:
             raise RequestError(f"{REGISTER_MODEL}: {fixed.shape[0]} fixed but {moving.shape[0]} moving volumes")
+        from dataclasses import replace
+
         inits = req.data.get("init")
-        keys = ("affine", "matrix", "dvf", "warped", "metrics")
+        iterations = req.data.get("refine")
+        smoothness = req.data.get("regularisation")
+        keys = ("affine", "matrix", "dvf", "warped", "metrics", "shift")
         out: dict[str, list[np.ndarray]] = {k: [] for k in keys}
         for k in range(fixed.shape[0]):
             init = _decode(inits[k]) if inits is not None else self.default_init
-            if init not in self.registrars:
+            if init not in INITS:
                 raise RequestError(f"{REGISTER_MODEL}: init {init!r} is not one of {', '.join(INITS)}")
-            f = _volume(fixed[k], faff[k], f"{REGISTER_MODEL} input 'fixed'", self.max_voxels)
-            m = _volume(moving[k], maff[k], f"{REGISTER_MODEL} input 'moving'", self.max_voxels)
+            options = self.registrar.refine_options
             try:
-                res = self.registrars[init].register(f, m)
+                if iterations is not None:
+                    options = replace(options, iterations=int(np.asarray(iterations[k]).reshape(-1)[0]))
+                if smoothness is not None:
+                    options = replace(options, regularisation=float(np.asarray(smoothness[k]).reshape(-1)[0]))
+                f = _volume(fixed[k], faff[k], f"{REGISTER_MODEL} input 'fixed'", self.max_voxels)
+                m = _volume(moving[k], maff[k], f"{REGISTER_MODEL} input 'moving'", self.max_voxels)
+                res = self.registrar.register(f, m, init=init, refine=options)
             except GvslInputError as e:
                 raise RequestError(f"{REGISTER_MODEL}: {e}") from None
+            out["shift"].append(np.asarray(res.shift_mm, dtype=np.float64))
             out["affine"].append(res.world_matrix)
             out["matrix"].append(res.matrix)
             out["dvf"].append(res.dvf_mm)
@@ -393,6 +406,8 @@ def _register_tensors() -> tuple[list, list]:
         Tensor(name="moving", dtype=np.float32, shape=(-1, -1, -1)),
         Tensor(name="moving_affine", dtype=np.float64, shape=(4, 4)),
         Tensor(name="init", dtype=bytes, shape=(1,), optional=True),
+        Tensor(name="refine", dtype=np.int32, shape=(1,), optional=True),
+        Tensor(name="regularisation", dtype=np.float32, shape=(1,), optional=True),
     ]
     outputs = [
         Tensor(name="affine", dtype=np.float64, shape=(4, 4)),
@@ -400,6 +415,7 @@ def _register_tensors() -> tuple[list, list]:
         Tensor(name="dvf", dtype=np.float32, shape=(3, -1, -1, -1)),
         Tensor(name="warped", dtype=np.float32, shape=(-1, -1, -1)),
         Tensor(name="metrics", dtype=np.float64, shape=(len(METRICS),)),
+        Tensor(name="shift", dtype=np.float64, shape=(3,)),
         Tensor(name=ERROR_OUTPUT, dtype=bytes, shape=(1,)),
     ]
     return inputs, outputs
@@ -464,12 +480,20 @@ def build_handlers(opts: ServeOptions) -> dict[str, tuple[Callable, list, list]]
         ins, outs = _embed_tensors(embedder.has_dense, info.embedding_dim, info.feature_dim)
         out[EMBED_MODEL] = (EmbedHandler(embedder, opts), ins, outs)
     if REGISTER_MODEL in opts.models:
-        first = Registrar(
-            opts.model, opts.backend, opts.device, init="world", max_voxels=opts.max_voxels, **backend_options
+        from .refine import RefineOptions
+
+        options = RefineOptions(iterations=opts.refine, levels=opts.refine_levels, regularisation=opts.regularisation)
+        registrar = Registrar(
+            opts.model,
+            opts.backend,
+            opts.device,
+            init=opts.init,
+            refine=options,
+            max_voxels=opts.max_voxels,
+            **backend_options,
         )
-        regs = {"world": first, "center": Registrar(first.backend, init="center", max_voxels=opts.max_voxels)}
         ins, outs = _register_tensors()
-        out[REGISTER_MODEL] = (RegisterHandler(regs, opts), ins, outs)
+        out[REGISTER_MODEL] = (RegisterHandler(registrar, opts), ins, outs)
     return out
 
 

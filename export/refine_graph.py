@@ -1,0 +1,245 @@
+"""``refine.onnx``: the instance-optimisation graph (:mod:`gvsl.refine`) as one ONNX ``Loop``.
+
+The body is one traced :class:`gvsl.refine.RefineStep`; the outer graph runs
+it ``iterations`` times (a run-time input, so one file serves every level and
+every ``--refine N``) and then reports the local CC of the result, which the
+runtime uses to pick the better starting field and to report quality. The
+graph holds no learned weights, only the constants of
+:class:`gvsl.refine.RefineSettings` (recorded in its metadata).
+
+Inputs: ``fixed``, ``moving`` ``[1, 1, D, H, W]`` (one grid, any size >= 2
+per axis), ``dvf`` ``[1, 3, D, H, W]`` (voxels), ``iterations`` (int64
+scalar), ``step`` and ``regularisation`` (float ``[1]``). Outputs: ``dvf``
+(refined) and ``similarity`` (float ``[1]``, mean local CC after the loop).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from gvsl import __version__
+from gvsl.export.errors import ExportError
+from gvsl.refine import RefineSettings, RefineStep, local_cc, sample_clamped
+from gvsl.runtime import artifact
+from gvsl.spatial import identity_grid
+
+__all__ = [
+    "REFINE_ATOL",
+    "RefineSimilarity",
+    "build_refine_model",
+    "check_refine_tensorrt",
+    "export_refine",
+    "refine_metadata",
+    "verify_refine",
+]
+
+_SPATIAL = {2: "depth", 3: "height", 4: "width"}
+
+
+class RefineSimilarity(nn.Module):
+    """Mean local CC of ``fixed`` and ``moving`` warped by ``dvf``: the graph's second output."""
+
+    def __init__(self, radius: int) -> None:
+        super().__init__()
+        self.radius = radius
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor, dvf: torch.Tensor) -> torch.Tensor:
+        sizes = [dvf.shape[2 + axis] for axis in range(3)]
+        warped = sample_clamped(moving, identity_grid(sizes, dvf.device, dvf.dtype) + dvf)
+        return local_cc(fixed, warped, self.radius).reshape(1)
+
+
+def refine_metadata(settings: RefineSettings) -> dict[str, str]:
+    """``metadata_props`` of a refine graph."""
+    return {
+        artifact.META_FORMAT: artifact.FORMAT,
+        artifact.META_KIND: artifact.REFINE,
+        artifact.META_VERSION: __version__,
+        artifact.META_REFINE: json.dumps(settings.to_dict(), sort_keys=True),
+        artifact.META_PRECISION: "fp32",
+    }
+
+
+def _trace(module: nn.Module, example: tuple[torch.Tensor, ...], names: list[str], outputs: list[str]) -> Any:
+    """Trace ``module`` to an ONNX ModelProto with dynamic spatial axes on 5-D inputs."""
+    import onnx
+
+    dynamic = {n: dict(_SPATIAL) for n, x in zip(names, example, strict=True) if x.dim() == 5}
+    fd, raw = tempfile.mkstemp(suffix=".onnx")
+    os.close(fd)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # TracerWarnings, exporter deprecation notice
+            torch.onnx.export(
+                module,
+                example,
+                raw,
+                dynamo=False,
+                opset_version=17,
+                input_names=names,
+                output_names=outputs,
+                dynamic_axes=dynamic,
+                do_constant_folding=True,
+            )
+        return onnx.load(raw)
+    finally:
+        Path(raw).unlink(missing_ok=True)
+
+
+def build_refine_model(settings: RefineSettings | None = None) -> Any:
+    """The refine graph as an ONNX ModelProto (``Loop`` over the traced step, then the CC)."""
+    import onnx
+    import onnx.compose
+    from onnx import TensorProto, helper
+
+    settings = settings or RefineSettings()
+    shape = (1, 1, 12, 10, 11)
+    fixed, moving = torch.rand(*shape), torch.rand(*shape)
+    dvf = torch.zeros(1, 3, *shape[2:])
+    scalar = torch.tensor([0.5])
+    step_inputs = ["fixed", "moving", "dvf_in", "step", "regularisation"]
+    body = _trace(RefineStep(settings).eval(), (fixed, moving, dvf, scalar, scalar), step_inputs, ["dvf_out"])
+    cc = _trace(RefineSimilarity(settings.radius).eval(), (fixed, moving, dvf), ["fixed", "moving", "dvf"], ["sim"])
+    # both traces name their intermediates alike; prefixes keep the joined graph in SSA form
+    body = onnx.compose.add_prefix(body, "step/", rename_inputs=False, rename_outputs=False)
+    cc = onnx.compose.add_prefix(cc, "similarity/", rename_inputs=False, rename_outputs=False)
+
+    # body: (iteration, cond_in, dvf_in) -> (cond_out, dvf_out); fixed/moving/step/regularisation
+    # come from the outer scope by name.
+    body_graph = body.graph
+    outer_names = {"fixed", "moving", "step", "regularisation"}
+    kept_inputs = [v for v in body_graph.input if v.name not in outer_names]
+    del body_graph.input[:]
+    body_graph.input.extend(
+        [
+            helper.make_tensor_value_info("iteration", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            *kept_inputs,
+        ]
+    )
+    body_graph.node.append(helper.make_node("Identity", ["cond_in"], ["cond_out"], name="refine/cond"))
+    outputs = list(body_graph.output)
+    del body_graph.output[:]
+    body_graph.output.extend([helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), *outputs])
+    body_graph.name = "refine_step"
+
+    inputs = [
+        helper.make_tensor_value_info("fixed", TensorProto.FLOAT, [1, 1, "depth", "height", "width"]),
+        helper.make_tensor_value_info("moving", TensorProto.FLOAT, [1, 1, "depth", "height", "width"]),
+        helper.make_tensor_value_info("dvf", TensorProto.FLOAT, [1, 3, "depth", "height", "width"]),
+        helper.make_tensor_value_info("iterations", TensorProto.INT64, []),
+        helper.make_tensor_value_info("step", TensorProto.FLOAT, [1]),
+        helper.make_tensor_value_info("regularisation", TensorProto.FLOAT, [1]),
+    ]
+    loop = helper.make_node("Loop", ["iterations", "", "dvf"], ["refined"], name="refine/loop", body=body_graph)
+    # the CC graph reads the refined field under the name "dvf" of its own trace: rename its input
+    cc_graph = cc.graph
+    for node in cc_graph.node:
+        node.input[:] = ["refined" if i == "dvf" else i for i in node.input]
+    nodes = [loop, *cc_graph.node]
+    nodes.append(helper.make_node("Identity", ["refined"], ["dvf_refined"], name="refine/out"))
+    sim_out = cc_graph.output[0].name
+    nodes.append(helper.make_node("Identity", [sim_out], ["similarity"], name="refine/similarity"))
+    graph = helper.make_graph(
+        nodes,
+        "gvsl_refine",
+        inputs,
+        [
+            helper.make_tensor_value_info("dvf_refined", TensorProto.FLOAT, [1, 3, "depth", "height", "width"]),
+            helper.make_tensor_value_info("similarity", TensorProto.FLOAT, [1]),
+        ],
+        initializer=list(cc_graph.initializer),
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="gvsl")
+    model.ir_version = min(body.ir_version, 8)
+    model.producer_version = __version__
+    model.doc_string = "GVSL refinement graph: greedy diffeomorphic local-CC ascent (gvsl.refine)"
+    for key, value in refine_metadata(settings).items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def export_refine(path: str | os.PathLike[str], settings: RefineSettings | None = None) -> Path:
+    """Write ``refine.onnx`` to ``path`` (atomically) and return the path."""
+    from gvsl.runtime.io import atomic_write
+
+    path = Path(path)
+    try:
+        model = build_refine_model(settings)
+    except Exception as e:  # exporter / checker failure: one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ExportError(f"{path.name}: refine graph export failed ({type(e).__name__}: {first})") from e
+    data = model.SerializeToString()
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+#: torch vs ONNX Runtime on the refined field after :data:`VERIFY_ITERATIONS` iterations (voxels)
+REFINE_ATOL = 1e-4
+VERIFY_ITERATIONS = 10
+
+
+def verify_refine(path: str | os.PathLike[str], settings: RefineSettings | None = None) -> dict[str, Any]:
+    """Run ``refine.onnx`` in ONNX Runtime and :func:`gvsl.refine.refine` in PyTorch on a smooth
+    random pair with a known shift; returns ``{"max_abs": ..., "passed": ...}``."""
+    import numpy as np
+    import onnxruntime as ort
+    from scipy import ndimage
+
+    from gvsl.refine import refine
+
+    settings = settings or RefineSettings()
+    rng = np.random.default_rng(0)
+    fixed = ndimage.gaussian_filter(rng.random((20, 18, 22)), 1.5).astype(np.float32)
+    fixed = (fixed - fixed.min()) / (fixed.max() - fixed.min())
+    moving = np.roll(fixed, 1, axis=0)
+    field = np.zeros((1, 3, *fixed.shape), dtype=np.float32)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got, _ = session.run(
+        None,
+        {
+            "fixed": fixed[None, None],
+            "moving": moving[None, None],
+            "dvf": field,
+            "iterations": np.array(VERIFY_ITERATIONS, dtype=np.int64),
+            "step": np.array([0.5], dtype=np.float32),
+            "regularisation": np.array([0.3], dtype=np.float32),
+        },
+    )
+    ref = refine(
+        torch.from_numpy(fixed)[None, None],
+        torch.from_numpy(moving)[None, None],
+        torch.from_numpy(field),
+        VERIFY_ITERATIONS,
+        0.5,
+        0.3,
+        settings,
+    ).numpy()
+    err = float(np.abs(got - ref).max())
+    return {"graph": Path(path).name, "iterations": VERIFY_ITERATIONS, "max_abs": err, "passed": err <= REFINE_ATOL}
+
+
+def check_refine_tensorrt(model: Any) -> list[Any]:
+    """TensorRT parser issues of the refine graph: its outer graph and its ``Loop`` body."""
+    import onnx
+    from onnx import helper
+
+    from gvsl.export.trt_check import check_tensorrt
+
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    issues = list(check_tensorrt(proto))
+    for node in proto.graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                body = helper.make_model(attribute.g, opset_imports=list(proto.opset_import))
+                body.ir_version = proto.ir_version
+                issues += check_tensorrt(body)
+    return issues

@@ -1,0 +1,287 @@
+"""Instance-optimised refinement of a displacement field: greedy diffeomorphic LNCC ascent.
+
+The registration network predicts a transform in one shot; this module
+improves it for the one pair at hand, the way ANTs' greedy SyN does, with
+plain tensor operations (no autograd), so the same code runs eagerly in
+PyTorch and exports, unchanged, as the ``refine.onnx`` graph that the
+torch-free runtime runs on every backend.
+
+One iteration, on one grid (voxel units; pull-back convention of
+:mod:`gvsl.spatial`: ``warped(p) = moving(p + dvf(p))``):
+
+1. ``warped = moving ∘ (id + dvf)`` (trilinear);
+2. the local normalised cross-correlation ``CC = s_fw^2 / (s_ff s_ww)`` of
+   ``fixed`` and ``warped`` over a ``(2r+1)^3`` window, and its analytic
+   derivative with respect to ``warped`` (Avants et al. 2008, the form ANTs
+   uses): ``dCC/dw = 2 s_fw / (s_ff s_ww) * ((f - mean_f) - s_fw / s_ww * (w - mean_w))``.
+   The local means and (co)variances come from one separable box filter
+   (three 1-D average pools over five stacked maps);
+3. the force ``dCC/dw * grad(warped)`` is smoothed by a Gaussian
+   (``sigma_update``, the "fluid" regulariser) and scaled robustly: the mean
+   vector length becomes half of ``step`` voxels and no vector is longer than
+   ``step`` (a max-norm scaling, ANTs' choice, lets one strong edge freeze
+   every other voxel; measured 0.76 against 0.81 Dice on MNI pairs);
+4. the small update ``v`` is composed with the field:
+   ``dvf <- v + dvf ∘ (id + v)`` (the field is read with edge clamping), so
+   each step is a small diffeomorphism and the composite stays invertible;
+5. the total field is pulled towards its Gaussian-smoothed self
+   (``sigma_total``) by the fraction ``regularisation`` (0 = none, 1 = full
+   smoothing every step): the "elastic" regulariser, one knob at run time.
+
+The Gaussian kernels and the window radius are graph constants
+(:class:`RefineSettings`, recorded in the export's metadata); step size,
+regularisation and the iteration count are run-time inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gvsl.spatial import identity_grid
+
+__all__ = [
+    "RefineSettings",
+    "RefineStep",
+    "cc_force",
+    "gaussian_kernel",
+    "local_cc",
+    "refine",
+    "refine_step",
+    "sample_clamped",
+    "smooth",
+]
+
+_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """Constants of the refinement graph (all in voxels of the grid it runs on).
+
+    ``radius``: half-width of the local-CC window (3 -> 7^3 voxels, 14 mm at
+    2 mm); ``sigma_update`` / ``sigma_total``: Gaussian widths of the update
+    and of the total-field smoothing; ``truncate``: kernel half-width in
+    sigmas. The defaults are the best of a sweep on MNI pairs at 4 -> 2 mm
+    (radius 1/2/3, sigma_update 1/2/3; EVALUATION.md).
+    """
+
+    radius: int = 3
+    sigma_update: float = 2.0
+    sigma_total: float = 1.0
+    truncate: float = 3.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RefineSettings:
+        return cls(**{k: d[k] for k in ("radius", "sigma_update", "sigma_total", "truncate") if k in d})
+
+
+def gaussian_kernel(sigma: float, truncate: float = 3.0) -> torch.Tensor:
+    """Normalised 1-D Gaussian taps (``2 ceil(truncate sigma) + 1`` of them); ``[1.]`` for sigma 0."""
+    if sigma <= 0:
+        return torch.ones(1)
+    half = max(1, int(math.ceil(truncate * sigma)))
+    x = torch.arange(-half, half + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).float()
+
+
+def smooth(field: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian of each channel of a field ``[N, 3, D, H, W]`` (zero padding,
+    renormalised at the border so a constant field stays constant)."""
+    if taps.numel() == 1:
+        return field
+    c = 3  # displacement fields; a literal so that tracing keeps the kernel shape static
+    half = taps.numel() // 2
+    out = field
+    norm = torch.ones_like(field[:, :1])
+    for axis in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = taps.numel()
+        pad = [0, 0, 0]
+        pad[axis] = half
+        weight = taps.to(field.dtype).view(shape)
+        out = F.conv3d(out, weight.expand(c, *shape[1:]), padding=tuple(pad), groups=c)
+        norm = F.conv3d(norm, weight, padding=tuple(pad))
+    return out / norm
+
+
+def _box(maps: torch.Tensor, radius: int) -> torch.Tensor:
+    """Local means over a ``(2 radius + 1)^3`` window (border windows are cropped)."""
+    k = 2 * radius + 1
+    out = maps
+    for kernel in ((k, 1, 1), (1, k, 1), (1, 1, k)):
+        pad = tuple(radius if s > 1 else 0 for s in kernel)
+        out = F.avg_pool3d(out, kernel, stride=1, padding=pad, count_include_pad=False)
+    return out
+
+
+def _local_moments(fixed: torch.Tensor, warped: torch.Tensor, radius: int) -> tuple[torch.Tensor, ...]:
+    stacked = torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], dim=1)
+    means = _box(stacked, radius)
+    mean_f, mean_w, mean_ff, mean_ww, mean_fw = (means[:, k : k + 1] for k in range(5))  # slices, not Split
+    s_ff = (mean_ff - mean_f * mean_f).clamp(min=0.0)
+    s_ww = (mean_ww - mean_w * mean_w).clamp(min=0.0)
+    s_fw = mean_fw - mean_f * mean_w
+    return mean_f, mean_w, s_ff, s_ww, s_fw
+
+
+def local_cc(fixed: torch.Tensor, warped: torch.Tensor, radius: int = 2) -> torch.Tensor:
+    """Mean local normalised cross-correlation (squared, as ANTs' CC metric) of two volumes."""
+    _, _, s_ff, s_ww, s_fw = _local_moments(fixed, warped, radius)
+    return (s_fw * s_fw / (s_ff * s_ww + _EPS)).mean()
+
+
+def _gradient(volume: torch.Tensor) -> torch.Tensor:
+    """Central-difference gradient ``[N, 3, D, H, W]`` of ``volume [N, 1, D, H, W]`` (edge-replicated)."""
+    padded = F.pad(volume, (1, 1, 1, 1, 1, 1), mode="replicate")
+    gd = (padded[:, :, 2:, 1:-1, 1:-1] - padded[:, :, :-2, 1:-1, 1:-1]) * 0.5
+    gh = (padded[:, :, 1:-1, 2:, 1:-1] - padded[:, :, 1:-1, :-2, 1:-1]) * 0.5
+    gw = (padded[:, :, 1:-1, 1:-1, 2:] - padded[:, :, 1:-1, 1:-1, :-2]) * 0.5
+    return torch.cat([gd, gh, gw], dim=1)
+
+
+def cc_force(fixed: torch.Tensor, warped: torch.Tensor, radius: int = 2) -> torch.Tensor:
+    """Ascent direction of local CC for the pull-back field: ``dCC/dw * grad(warped)``, ``[N, 3, ...]``."""
+    mean_f, mean_w, s_ff, s_ww, s_fw = _local_moments(fixed, warped, radius)
+    coeff = 2.0 * s_fw / (s_ff * s_ww + _EPS) * ((fixed - mean_f) - s_fw / (s_ww + _EPS) * (warped - mean_w))
+    return coeff * _gradient(warped)
+
+
+def _sizes(volume: torch.Tensor) -> list[Any]:
+    """Spatial sizes of ``volume``: ints in eager mode, 0-d tensors while tracing (dynamic export)."""
+    return [volume.shape[2 + axis] for axis in range(3)]
+
+
+def _grid_sample_border(src: torch.Tensor, locs: torch.Tensor) -> torch.Tensor:
+    scale = torch.tensor([2.0 / max(int(n) - 1, 1) for n in src.shape[2:]], dtype=locs.dtype).view(1, 3, 1, 1, 1)
+    grid = (locs * scale - 1.0).permute(0, 2, 3, 4, 1).flip(-1)
+    return F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def sample_clamped(src: torch.Tensor, locs: torch.Tensor) -> torch.Tensor:
+    """Trilinear read of ``src [1, C, D, H, W]`` at voxel positions ``locs [1, 3, D', H', W']``,
+    positions clamped into the grid (edge values outside: right for fields, and for
+    images whose border is background).
+
+    Each channel is read by eight ``gather`` calls (ONNX GatherElements, the fastest
+    gather of ONNX Runtime's CPU provider) on the flattened volume, all sharing one
+    int64 index vector: index memory does not scale with the channel count.
+    """
+    if not torch.jit.is_tracing():  # eager: PyTorch's kernel computes the same clamped trilinear read
+        return _grid_sample_border(src, locs)
+    d, h, w = _sizes(src)
+    c = src.shape[1]
+    channels = [src[:, k].reshape(1, -1) for k in range(c)]
+    pts = locs.reshape(3, -1)
+    hi = torch.stack([torch.as_tensor(n).to(locs.dtype) - 1.0 for n in (d, h, w)]).view(3, 1)
+    pts = torch.minimum(pts.clamp(min=0.0), hi)
+    base = torch.minimum(torch.floor(pts), (hi - 1.0).clamp(min=0.0))
+    frac = pts - base
+    ib = base.to(torch.int64)
+    stride_d = torch.as_tensor(h * w).to(torch.int64)
+    stride_h = torch.as_tensor(w).to(torch.int64)
+    index = (ib[0:1] * stride_d + ib[1:2] * stride_h + ib[2:3]).reshape(1, -1)
+    fd, fh, fw = frac[0:1], frac[1:2], frac[2:3]
+    out: list[torch.Tensor] = []
+    for od in (0, 1):
+        wd = fd if od else 1.0 - fd
+        for oh in (0, 1):
+            wdh = wd * (fh if oh else 1.0 - fh)
+            for ow in (0, 1):
+                weight = wdh * (fw if ow else 1.0 - fw)
+                offset = index
+                if od:
+                    offset = offset + stride_d
+                if oh:
+                    offset = offset + stride_h
+                if ow:
+                    offset = offset + 1
+                terms = [torch.gather(channel, 1, offset) * weight for channel in channels]
+                out = terms if not out else [acc + term for acc, term in zip(out, terms, strict=True)]
+    return torch.cat(out, dim=0).reshape(1, c, *locs.shape[2:])
+
+
+def refine_step(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    dvf: torch.Tensor,
+    step: torch.Tensor,
+    regularisation: torch.Tensor,
+    update_taps: torch.Tensor,
+    total_taps: torch.Tensor,
+    radius: int = 2,
+) -> torch.Tensor:
+    """One greedy iteration (module docstring); ``step``/``regularisation`` are 1-element tensors."""
+    grid = identity_grid(_sizes(dvf), dvf.device, dvf.dtype)
+    warped = sample_clamped(moving, grid + dvf)
+    update = smooth(cc_force(fixed, warped, radius), update_taps)
+    length = torch.sqrt((update * update).sum(dim=1, keepdim=True))
+    # robust scale: the mean update length maps to half a step, then no vector exceeds one step
+    scaled = update * (0.5 * step.view(1, 1, 1, 1, 1) / (length.mean() + 1e-12))
+    scaled_length = length * (0.5 * step.view(1, 1, 1, 1, 1) / (length.mean() + 1e-12))
+    update = scaled / torch.clamp(scaled_length / step.view(1, 1, 1, 1, 1), min=1.0)
+    composed = update + sample_clamped(dvf, grid + update)
+    smoothed = smooth(composed, total_taps)
+    return composed + regularisation.view(1, 1, 1, 1, 1) * (smoothed - composed)
+
+
+def refine(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    dvf: torch.Tensor | None = None,
+    iterations: int = 30,
+    step: float = 0.5,
+    regularisation: float = 0.3,
+    settings: RefineSettings | None = None,
+) -> torch.Tensor:
+    """``iterations`` greedy LNCC steps from ``dvf`` (zero when ``None``); returns the refined field.
+
+    ``fixed``/``moving`` ``[1, 1, D, H, W]`` on one grid, ``dvf`` ``[1, 3, D, H, W]`` voxels.
+    """
+    settings = settings or RefineSettings()
+    module = RefineStep(settings)
+    field = torch.zeros(fixed.shape[0], 3, *fixed.shape[2:], dtype=fixed.dtype) if dvf is None else dvf
+    step_t = torch.tensor([float(step)], dtype=fixed.dtype)
+    reg_t = torch.tensor([float(regularisation)], dtype=fixed.dtype)
+    with torch.no_grad():
+        for _ in range(int(iterations)):
+            field = module(fixed, moving, field, step_t, reg_t)
+    return field
+
+
+class RefineStep(nn.Module):
+    """:func:`refine_step` with its constants as buffers: the body traced into ``refine.onnx``."""
+
+    def __init__(self, settings: RefineSettings | None = None) -> None:
+        super().__init__()
+        self.settings = settings or RefineSettings()
+        self.register_buffer("update_taps", gaussian_kernel(self.settings.sigma_update, self.settings.truncate))
+        self.register_buffer("total_taps", gaussian_kernel(self.settings.sigma_total, self.settings.truncate))
+
+    def forward(
+        self,
+        fixed: torch.Tensor,
+        moving: torch.Tensor,
+        dvf: torch.Tensor,
+        step: torch.Tensor,
+        regularisation: torch.Tensor,
+    ) -> torch.Tensor:
+        return refine_step(
+            fixed,
+            moving,
+            dvf,
+            step,
+            regularisation,
+            self.update_taps,
+            self.total_taps,
+            self.settings.radius,
+        )

@@ -1,0 +1,172 @@
+"""Coarse-to-fine instance refinement of a registration (torch-free driver of ``refine.onnx``).
+
+The network's transform is a first guess; this module improves it for the
+pair at hand with the exported refinement graph (greedy diffeomorphic
+local-CC ascent, :mod:`gvsl.refine`), on a pyramid of isotropic grids that
+cover the fixed image (e.g. 4 mm, then 2 mm). At each level both images are
+preprocessed at that spacing with the model's own settings, the moving one is
+carried onto the fixed grid through world space (with the initial shift), the
+current world field is resampled onto the level's grid, and the graph runs
+``iterations`` steps on it. The result is a world (RAS mm) displacement field
+on the finest level's grid, which :class:`gvsl.runtime.register.Registrar`
+carries to the fixed image's own grid like the network's field.
+
+At the first level the graph also scores the starting field against no
+field (``iterations = 0`` returns the local CC of the start): a network that
+has never seen this kind of scan cannot make the result worse than starting
+from the initial alignment alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from .backends import Backend
+from .errors import GvslInputError
+from .geometry import dvf_mm_to_voxel, dvf_voxel_to_mm, voxel_spacing
+from .preprocess import PreprocessConfig, Volume, preprocess
+from .warp import resample_to_grid
+
+__all__ = ["DEFAULT_LEVELS", "RefineOptions", "RefineResult", "plan_levels", "refine_world_field"]
+
+#: Pyramid spacings (mm) used unless ``levels`` says otherwise.
+DEFAULT_LEVELS = (4.0, 2.0)
+#: Largest level grid (voxels) refined: about 512 MB of float32 working tensors in the graph.
+MAX_LEVEL_VOXELS = 12_000_000
+SIMILARITIES = ("ncc",)
+
+
+@dataclass(frozen=True)
+class RefineOptions:
+    """How ``gvsl register`` refines: ``iterations`` per level (0 = network only), the
+    pyramid ``levels`` (isotropic spacings in mm, coarse to fine), ``step`` (largest
+    update per iteration, in voxels of each level), ``regularisation`` (0..1: how far
+    the total field is pulled towards its smoothed self each step) and ``similarity``."""
+
+    iterations: int = 30
+    levels: tuple[float, ...] = DEFAULT_LEVELS
+    step: float = 0.5
+    regularisation: float = 0.3
+    similarity: str = "ncc"
+
+    def __post_init__(self) -> None:
+        if int(self.iterations) != self.iterations or self.iterations < 0:
+            raise GvslInputError(f"--refine {self.iterations}: give a whole number of iterations >= 0")
+        levels = tuple(float(s) for s in self.levels)
+        if not levels or not all(math.isfinite(s) and s > 0 for s in levels):
+            raise GvslInputError(f"--refine-levels {self.levels}: give positive spacings in mm, e.g. 4,2")
+        object.__setattr__(self, "levels", levels)
+        if not (math.isfinite(self.step) and 0 < self.step <= 2):
+            raise GvslInputError(f"refine step {self.step}: use a value in (0, 2] voxels")
+        if not (math.isfinite(self.regularisation) and 0 <= self.regularisation <= 1):
+            raise GvslInputError(f"--regularisation {self.regularisation}: use a value in [0, 1]")
+        if self.similarity not in SIMILARITIES:
+            raise GvslInputError(f"--similarity {self.similarity}: use one of {', '.join(SIMILARITIES)}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.iterations > 0
+
+
+@dataclass
+class RefineResult:
+    """The refined world field ``dvf_mm [3, *shape]`` on grid ``affine``, with per-level figures."""
+
+    dvf_mm: np.ndarray
+    affine: np.ndarray
+    levels: list[dict[str, Any]]
+    started_from_network: bool
+
+
+def plan_levels(levels: Sequence[float], fixed: Volume, max_voxels: int = MAX_LEVEL_VOXELS) -> list[float]:
+    """The pyramid actually run: levels finer than the fixed image's own finest spacing are
+    dropped (nothing to gain), and so are levels whose grid would exceed ``max_voxels``."""
+    finest = min(voxel_spacing(fixed.affine))
+    extent = np.asarray(fixed.data.shape[:3], dtype=np.float64) * np.asarray(voxel_spacing(fixed.affine))
+    plan = []
+    for s in levels:
+        spacing = max(float(s), finest)
+        if float(np.prod(np.ceil(extent / spacing))) > max_voxels:
+            continue
+        if plan and math.isclose(plan[-1], spacing):
+            continue
+        plan.append(spacing)
+    if not plan:
+        raise GvslInputError(
+            f"{fixed.source}: every refinement level is too large for memory "
+            f"(> {max_voxels} voxels); give coarser --refine-levels"
+        )
+    return plan
+
+
+def _translation(v: Sequence[float]) -> np.ndarray:
+    t = np.eye(4)
+    t[:3, 3] = v
+    return t
+
+
+def refine_world_field(
+    backend: Backend,
+    fixed: Volume,
+    moving: Volume,
+    cfg: PreprocessConfig,
+    field_mm: np.ndarray | None,
+    field_affine: np.ndarray | None,
+    shift_mm: np.ndarray,
+    options: RefineOptions,
+    timer: Callable[[str], Any] | None = None,
+) -> RefineResult:
+    """Refine the world field ``field_mm`` (on grid ``field_affine``; ``None`` = none) between the
+    original ``fixed`` and ``moving`` volumes, ``shift_mm`` being the initial alignment."""
+    plan = plan_levels(options.levels, fixed)
+    current, current_affine = field_mm, field_affine
+    report: list[dict[str, Any]] = []
+    from_network = field_mm is not None
+    for index, spacing in enumerate(plan):
+        level_cfg = replace(cfg, spacing=(spacing, spacing, spacing))
+        fixed_level = preprocess(fixed, level_cfg)
+        moving_level = preprocess(moving, level_cfg)
+        shape = fixed_level.data.shape
+        if min(shape) < 2:
+            raise GvslInputError(f"{fixed.source}: too small for a {spacing:g} mm refinement level; use finer levels")
+        moving_on_fixed = resample_to_grid(
+            moving_level.data,
+            _translation(-np.asarray(shift_mm)) @ moving_level.affine,
+            fixed_level.affine,
+            shape,
+            order=1,
+            mode="constant",
+        )
+        if current is None:
+            start = np.zeros((3, *shape), dtype=np.float32)
+        else:
+            start_mm = resample_to_grid(current, current_affine, fixed_level.affine, shape, order=1, mode="nearest")
+            start = np.asarray(dvf_mm_to_voxel(start_mm, fixed_level.affine), dtype=np.float32)
+        feed = {
+            "fixed": np.ascontiguousarray(fixed_level.data, dtype=np.float32)[None, None],
+            "moving": np.ascontiguousarray(moving_on_fixed, dtype=np.float32)[None, None],
+            "step": np.array([options.step], dtype=np.float32),
+            "regularisation": np.array([options.regularisation], dtype=np.float32),
+        }
+        if index == 0 and current is not None:
+            zero = np.zeros_like(start)
+            score = {}
+            for name, candidate in (("network", start), ("initial alignment", zero)):
+                out = backend.run({**feed, "dvf": candidate[None], "iterations": np.array(0, np.int64)})
+                score[name] = float(out["similarity"][0])
+            if score["initial alignment"] > score["network"]:
+                start, from_network = zero, False
+        out = backend.run({**feed, "dvf": start[None], "iterations": np.array(int(options.iterations), np.int64)})
+        refined = out["dvf_refined"][0]
+        report.append({"spacing_mm": spacing, "shape": list(shape), "local_cc": round(float(out["similarity"][0]), 6)})
+        current = np.asarray(dvf_voxel_to_mm(refined, fixed_level.affine), dtype=np.float32)
+        current_affine = fixed_level.affine
+        if timer is not None:
+            timer(f"refine {spacing:g} mm")
+    assert current is not None and current_affine is not None
+    return RefineResult(dvf_mm=current, affine=current_affine, levels=report, started_from_network=from_network)
