@@ -504,6 +504,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--import-rows", type=Path, action="append", default=[],
                     help="registration.json of another run with the same pairs (seed, counts): its successful rows "
                     "count as done (repeatable; e.g. gvsl and peers run side by side into two folders)")  # fmt: skip
+    ap.add_argument("--tables-only", action="store_true",
+                    help="run nothing: tables of the --resume / --import-rows rows (failures included)")  # fmt: skip
     ap.add_argument("--spacing", type=float, default=2.0, help="MNI subjects' spacing (mm)")
     ap.add_argument("--seed", type=int, default=1000, help="pairs' seed (the default model trained on seed 0)")
     ap.add_argument("--source", default="mni", help="MNI template: mni (nilearn, 1 mm) or sample (bundled 2 mm)")
@@ -564,7 +566,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         earlier = json.loads((out / "registration.json").read_text(encoding="utf-8"))["rows"]
     for other in args.import_rows:
         earlier += [r for r in json.loads(other.read_text(encoding="utf-8"))["rows"] if r["method"] != "before"]
-    done = {(r["pair"], r["method"]): r for r in earlier if "error" not in r and r["method"] != "before"}
+    done = {
+        (r["pair"], r["method"]): r
+        for r in earlier
+        if ("error" not in r or args.tables_only) and r["method"] != "before"
+    }
     started = time.time()
     result = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
@@ -605,7 +611,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if (pair.name, m) in done:
                 rows.append(done[(pair.name, m)])
                 continue
-            if m not in methods:
+            if m not in methods or args.tables_only:
                 continue
             repeats = args.repeats if m in GVSL_METHODS else args.peer_repeats
             stamp = {"started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
