@@ -460,7 +460,7 @@ def set_table(
         rs = [r for r in rows if r["set"] == set_name and r["method"] == m and "error" not in r]
         errors = [r for r in rows if r["set"] == set_name and r["method"] == m and "error" in r]
         if not rs:
-            why = f"failed: {errors[0]['error'][:80]}" if errors else "skipped"
+            why = f"failed: {errors[0]['error'].split(' | ')[-1][:100]}" if errors else "skipped"
             lines.append(f"| {METHOD_NAMES[m]} | 0 | " + " | ".join([why] + [""] * (len(head) - 3)) + " |")
             continue
         cells = [_fmt([r[k] for r in rs]) for k in dice_keys]
