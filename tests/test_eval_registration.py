@@ -137,3 +137,18 @@ def test_run_timed_stops_a_peer_that_runs_past_its_limit(bench, tmp_path):
     assert run["timed_out"] and run["rc"] != 0 and time.perf_counter() - t0 < 10
     run = bench.run_timed([sys.executable, "-S", "-c", "x = bytearray(200 << 20)"], tmp_path / "log.txt")
     assert run["rc"] == 0 and not run["timed_out"] and run["peak_rss_mib"] > 200
+
+
+@pytest.mark.slow
+def test_gvsl_row_end_to_end_on_one_sample_pair(bench, tmp_path):
+    """The whole harness on one bundled-MNI pair, network alone: the CLI's outputs are scored,
+    registration beats the identity, and the folding read from the written field is gvsl's own."""
+    res = bench.main(["-o", str(tmp_path), "--sets", "mni", "--quick", "--spacing", "4", "--source", "sample",
+                      "--methods", "gvsl"])  # fmt: skip
+    before, row = res["rows"]
+    assert (before["method"], row["method"]) == ("before", "gvsl") and "error" not in row
+    assert row["dice_mean"] > before["dice_mean"] + 0.03 and row["ncc"] > before["ncc"]
+    reported = row["runs"][0]["gvsl_metrics"]
+    assert row["folding_percent"] == pytest.approx(reported["folding_percent"], abs=1e-9)
+    assert row["seconds"] == row["process_seconds"] > 0 and row["peak_rss_mib"] > 50
+    assert (tmp_path / "registration.md").read_text().startswith("### mni")
