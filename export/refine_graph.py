@@ -105,24 +105,29 @@ def build_refine_model(settings: RefineSettings | None = None) -> Any:
     fixed, moving = torch.rand(*shape), torch.rand(*shape)
     dvf = torch.zeros(1, 3, *shape[2:])
     scalar = torch.tensor([0.5])
-    step_inputs = ["fixed", "moving", "dvf_in", "step", "regularisation"]
-    body = _trace(RefineStep(settings).eval(), (fixed, moving, dvf, scalar, scalar), step_inputs, ["dvf_out"])
+    step_inputs = ["fixed", "moving", "dvf_in", "step", "regularisation", "iteration", "reference_in"]
+    body = _trace(
+        RefineStep(settings).eval(),
+        (fixed, moving, dvf, scalar, scalar, torch.tensor(0), scalar),
+        step_inputs,
+        ["dvf_out", "reference_out"],
+    )
     cc = _trace(RefineSimilarity(settings.radius).eval(), (fixed, moving, dvf), ["fixed", "moving", "dvf"], ["sim"])
     # both traces name their intermediates alike; prefixes keep the joined graph in SSA form
     body = onnx.compose.add_prefix(body, "step/", rename_inputs=False, rename_outputs=False)
     cc = onnx.compose.add_prefix(cc, "similarity/", rename_inputs=False, rename_outputs=False)
 
-    # body: (iteration, cond_in, dvf_in) -> (cond_out, dvf_out); fixed/moving/step/regularisation
-    # come from the outer scope by name.
+    # body: (iteration, cond_in, dvf_in, reference_in) -> (cond_out, dvf_out, reference_out);
+    # fixed/moving/step/regularisation come from the outer scope by name.
     body_graph = body.graph
-    outer_names = {"fixed", "moving", "step", "regularisation"}
-    kept_inputs = [v for v in body_graph.input if v.name not in outer_names]
+    by_name = {v.name: v for v in body_graph.input}
     del body_graph.input[:]
     body_graph.input.extend(
         [
             helper.make_tensor_value_info("iteration", TensorProto.INT64, []),
             helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-            *kept_inputs,
+            by_name["dvf_in"],
+            by_name["reference_in"],
         ]
     )
     body_graph.node.append(helper.make_node("Identity", ["cond_in"], ["cond_out"], name="refine/cond"))
@@ -139,7 +144,10 @@ def build_refine_model(settings: RefineSettings | None = None) -> Any:
         helper.make_tensor_value_info("step", TensorProto.FLOAT, [1]),
         helper.make_tensor_value_info("regularisation", TensorProto.FLOAT, [1]),
     ]
-    loop = helper.make_node("Loop", ["iterations", "", "dvf"], ["refined"], name="refine/loop", body=body_graph)
+    loop = helper.make_node(
+        "Loop", ["iterations", "", "dvf", "reference_init"], ["refined", "reference"], name="refine/loop", body=body_graph
+    )
+    reference_init = helper.make_tensor("reference_init", TensorProto.FLOAT, [1], [1.0])
     # the CC graph reads the refined field under the name "dvf" of its own trace: rename its input
     cc_graph = cc.graph
     for node in cc_graph.node:
@@ -156,7 +164,7 @@ def build_refine_model(settings: RefineSettings | None = None) -> Any:
             helper.make_tensor_value_info("dvf_refined", TensorProto.FLOAT, [1, 3, "depth", "height", "width"]),
             helper.make_tensor_value_info("similarity", TensorProto.FLOAT, [1]),
         ],
-        initializer=list(cc_graph.initializer),
+        initializer=[reference_init, *cc_graph.initializer],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="gvsl")
     model.ir_version = min(body.ir_version, 8)
