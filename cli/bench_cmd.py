@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from gvsl.cli.app import app, err, parse_triple, user_errors
+from gvsl.runtime.atomic import save_text
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -142,10 +143,7 @@ def bench(
 
     def save() -> None:
         result["machine"]["load_avg_end"] = list(__import__("os").getloadavg())
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = json_out.with_name(f".{json_out.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
-        tmp.replace(json_out)
+        save_text(json_out, json.dumps(result, indent=2, default=str))
 
     def log(s: str) -> None:
         if not quiet:
@@ -193,7 +191,7 @@ def bench(
             title = f"preprocessing ({ct_shape} CT at {ct_spacing} mm → 1 mm)"
             _table(title, *B.preprocess_rows(result["preprocess"]))
     if markdown:
-        markdown.write_text(B.markdown_tables(result), encoding="utf-8")
+        save_text(markdown, B.markdown_tables(result))
     err.print(f"results: {json_out}" + (f", {markdown}" if markdown else ""))
 
 

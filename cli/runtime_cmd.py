@@ -488,7 +488,7 @@ def register(
     if png is not None:
         written.append(res.save_png(png, title=f"{Path(moving).name} -> {Path(fixed).name}"))
     if metrics is not None:
-        from gvsl.runtime.io import atomic_write
+        from gvsl.runtime.io import save_text
 
         payload = {
             "fixed": str(fixed),
@@ -503,9 +503,7 @@ def register(
             "affine_world_ras": res.world_matrix.tolist(),
             "backend": backend_name,
         }
-        written.append(
-            atomic_write(metrics, lambda p: Path(p).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8"))
-        )
+        written.append(save_text(metrics, json.dumps(payload, indent=2) + "\n"))
     if not quiet:
         from rich.table import Table
 

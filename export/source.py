@@ -73,11 +73,13 @@ def resolve_weights(path: Path) -> tuple[Path, str]:
     )
 
 
-def load_source(path: str | Path, widths: str | None = None) -> Source:
+def load_source(path: str | Path, widths: str | None = None, official_affine: bool = False) -> Source:
     """Load SOURCE for export. ``widths`` (preset or nine numbers) only matters for
     ``.pth`` files, which carry no configuration; for gvsl models it must agree
-    with ``model.json``."""
-    from gvsl.io import WeightsError, load_model, load_official
+    with ``model.json``. An official ``.pth`` gets the authors' preprocessing and
+    the identity affine in registration, unless ``official_affine`` asks for the
+    released (untrained) affine head."""
+    from gvsl.io import WeightsError, load_model, load_official, official_metadata
 
     path = Path(path)
     target, kind = resolve_weights(path)
@@ -88,9 +90,14 @@ def load_source(path: str | Path, widths: str | None = None) -> Source:
     meta: dict[str, Any] = {}
     try:
         if kind == "official-pth":
-            model = load_official(target, config=cfg_override)
+            model = load_official(target, config=cfg_override, affine_head="trained" if official_affine else "identity")
+            meta = official_metadata(model)
             weights = target
         else:
+            if official_affine:
+                raise ExportError(
+                    f"{path}: --official-affine is for official .pth checkpoints; drop it for gvsl models"
+                )
             model, meta = load_model(target)
             weights = target / "model.safetensors" if target.is_dir() else target
             if cfg_override is not None and cfg_override.widths != model.config.widths:

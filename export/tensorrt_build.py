@@ -13,7 +13,6 @@ InstanceNormalization has no bf16), so bf16 engines use TensorRT 10's
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 
 from gvsl.config import SIZE_MULTIPLE
 from gvsl.export.errors import ExportError
+from gvsl.runtime.atomic import atomic_write
 from gvsl.runtime.backends import pin_geometry_fp32
 
 INSTALL_HINT = (
@@ -118,18 +118,6 @@ def default_timing_cache(sm: str, trt_version: str) -> Path:
     return base / f"tensorrt-{sm}-trt{trt_version}.timing"
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_engine(
     onnx_path: str | Path,
     engine_path: str | Path,
@@ -183,9 +171,10 @@ def build_engine(
             f"{Path(engine_path).name}: TensorRT failed to build the engine (see its log above); "
             "try a larger --workspace or smaller --max-shape"
         )
-    _atomic_bytes(Path(engine_path), bytes(serialized))
+    atomic_write(engine_path, lambda tmp: Path(tmp).write_bytes(bytes(serialized)))
     if cache_path is not None:
-        _atomic_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
+        timing = bytes(config.get_timing_cache().serialize())
+        atomic_write(cache_path, lambda tmp: Path(tmp).write_bytes(timing))
     return {
         "tensorrt_version": str(trt.__version__),
         "profiles": [p.to_dict() for p in profiles],

@@ -32,6 +32,11 @@ HEAD_PRESETS: dict[str, tuple[int, int, int]] = {
 #: Four 2x poolings: every spatial size the network sees is a multiple of this.
 SIZE_MULTIPLE = 16
 
+#: What registration does with the affine head (``ModelConfig.affine_head``):
+#: ``trained`` uses its output; ``identity`` replaces it by the identity, for
+#: weights whose affine head never learnt (the official release, GVSL_SPEC §5).
+AFFINE_HEADS: tuple[str, ...] = ("trained", "identity")
+
 
 class ConfigError(ValueError):
     """A configuration that cannot describe a GVSL network."""
@@ -45,16 +50,21 @@ class ModelConfig:
     ``affine_width`` / ``deform_width`` / ``restore_width`` are the hidden
     widths of the affine, deformable and restoration heads (official: 256, 16,
     16). Every width must be a multiple of 8 because GroupNorm uses width/8
-    groups (restoration: width/4).
+    groups (restoration: width/4). ``affine_head`` (one of :data:`AFFINE_HEADS`)
+    says whether registration applies the affine head or the identity; training
+    always runs the head.
     """
 
     widths: tuple[int, ...] = DEFAULT_WIDTHS
     in_channels: int = 1
+    affine_head: str = "trained"
     affine_width: int = 256
     deform_width: int = 16
     restore_width: int = 16
 
     def __post_init__(self) -> None:
+        if self.affine_head not in AFFINE_HEADS:
+            raise ConfigError(f"affine_head must be one of {', '.join(AFFINE_HEADS)}, got {self.affine_head!r}")
         widths = tuple(int(w) for w in self.widths)
         object.__setattr__(self, "widths", widths)
         if len(widths) != 9:
@@ -142,6 +152,7 @@ class LossWeights:
 
 
 __all__ = [
+    "AFFINE_HEADS",
     "ConfigError",
     "DEFAULT_WIDTHS",
     "HEAD_PRESETS",

@@ -159,6 +159,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, log: Log | None = N
     from gvsl.config import ModelConfig
     from gvsl.export.pipeline import ExportOptions, run_export
     from gvsl.runtime.embed import Embedder
+    from gvsl.runtime.io import save_npy, save_text
     from gvsl.synth import SynthConfig, make_subjects
     from gvsl.train import TrainConfig, train
 
@@ -214,7 +215,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, log: Log | None = N
     names = [Path(r["image"]).name.split(".")[0] for r in recs]
     with Embedder(export_dir, "onnxruntime", "cpu") as emb:
         embs = np.stack([emb.embed(r["image"]).embedding for r in recs])
-    np.save(out / "embeddings.npy", embs)
+    save_npy(out / "embeddings.npy", embs)
     sim = _cosine_matrix(embs.astype(np.float64))
     # raw cosines of one brain's subjects all round to 1.000; the matrix of the centred
     # embeddings (mean over subjects removed) shows which subjects the model sets apart
@@ -274,8 +275,8 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, log: Log | None = N
         "seconds": timings,
         "figures": [str(Path(f).name) for f in figs],
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    (out / "summary.md").write_text(_markdown(summary), encoding="utf-8")
+    save_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    save_text(out / "summary.md", _markdown(summary))
     say(f"report: {out / 'summary.md'}")
     return summary
 

@@ -174,15 +174,16 @@ class GVSL(nn.Module):
         self,
         fl_moving: torch.Tensor,
         fl_fixed: torch.Tensor,
-        affine: torch.Tensor,
+        affine: torch.Tensor | None,
         sampler: str = "grid_sample",
     ) -> torch.Tensor:
         """Local DVF psi^l (voxels) from affinely aligned local features.
 
         ``sampler`` (see :data:`gvsl.spatial.SAMPLERS`) only changes how the
         warp is computed: ``"gather"`` makes the graph TensorRT-buildable.
+        ``affine=None`` is the identity: the features are used as they are.
         """
-        aligned = affine_warp(fl_moving, affine, sampler=sampler)
+        aligned = fl_moving if affine is None else affine_warp(fl_moving, affine, sampler=sampler)
         return self.out_flow(self.sp_conv(torch.cat([aligned, fl_fixed], dim=1)))
 
     def match(
@@ -209,7 +210,16 @@ class GVSL(nn.Module):
     def register(
         self, fixed: torch.Tensor, moving: torch.Tensor, sampler: str = "grid_sample"
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Inference registration: (affine, fused DVF in voxels, moving warped once by it)."""
-        affine, local = self.match(self.encode(fixed), self.encode(moving), sampler=sampler)
-        fused = compose_affine_dvf(affine, local)
+        """Inference registration: (affine, fused DVF in voxels, moving warped once by it).
+
+        With ``config.affine_head == "identity"`` the affine is the identity and
+        the fused DVF is the deformable head's alone.
+        """
+        fixed_feats, moving_feats = self.encode(fixed), self.encode(moving)
+        if self.config.affine_head == "identity":
+            affine = torch.eye(3, 4, dtype=fixed.dtype, device=fixed.device).expand(fixed.shape[0], 3, 4)
+            fused = self.deform_head(moving_feats[1], fixed_feats[1], None, sampler=sampler)
+        else:
+            affine, local = self.match(fixed_feats, moving_feats, sampler=sampler)
+            fused = compose_affine_dvf(affine, local)
         return affine, fused, dvf_warp(moving, fused, sampler=sampler)

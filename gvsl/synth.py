@@ -26,6 +26,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from gvsl.runtime.atomic import save_text
 from gvsl.runtime.errors import GvslInputError
 from gvsl.runtime.preprocess import Volume, load_volume, resample, save_nifti
 from gvsl.runtime.warp import grid_world_coordinates, warp_by_displacement
@@ -327,7 +328,7 @@ def make_subjects(
         "labels": {str(k): v for k, v in LABEL_NAMES.items()} if template.labels is not None else None,
         "subjects": records,
     }
-    (out / f"{prefix}_synth.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    save_text(out / f"{prefix}_synth.json", json.dumps(meta, indent=2) + "\n")
     return records
 
 

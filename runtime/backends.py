@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from . import artifact as A
+from .atomic import atomic_write
 from .errors import GvslInputError
 from .preprocess import PreprocessConfig
 
@@ -574,8 +575,6 @@ def quantize_int8(
     rate. Lossy: check the embedding cosine to fp32 on your data
     (``gvsl bench`` reports it). The gvsl metadata is kept, precision ``int8``.
     """
-    import tempfile
-
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -603,16 +602,9 @@ def quantize_int8(
             x = next(self._it, None)
             return None if x is None else {"image": x}
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".onnx")
-    os.close(fd)
     import logging
 
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the quantiser's "consider pre-processing" warnings on the root logger
-    try:
+    def write(tmp: str) -> None:
         quantize_static(
             str(src),
             tmp,
@@ -631,12 +623,14 @@ def quantize_int8(
         for k, v in meta.items():
             proto.metadata_props.add(key=k, value=v)
         onnx.save(proto, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser's "consider pre-processing" warnings on the root logger
+    try:
+        return atomic_write(out, write)
     finally:
         root.setLevel(level)
-        Path(tmp).unlink(missing_ok=True)
-    return out
 
 
 def _int8_model(path: Path, kind: str, calibration: Sequence[Any], cache_dir: Any) -> Path:
@@ -858,9 +852,7 @@ class TensorRTBackend(Backend):
         if serialized is None:
             raise GvslInputError(f"{path}: TensorRT failed to build an engine (see the log above)", str(path))
         data = bytes(serialized)
-        tmp = plan_path.with_name(f".{plan_path.name}.{os.getpid()}.{threading.get_ident()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, plan_path)
+        atomic_write(plan_path, lambda tmp: Path(tmp).write_bytes(data))
         return data
 
     @property

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
@@ -26,6 +25,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
+from .atomic import atomic_write
 from .errors import GvslInputError
 
 #: File endings nibabel reads as single volumes we accept (.hdr/.img = Analyze/NIfTI pair).
@@ -802,14 +802,12 @@ def _stream_preprocess(
 
 # ----------------------------------------------------------------------------- output
 def save_nifti(path: str | os.PathLike[str], data: np.ndarray, affine: np.ndarray) -> Path:
-    """Write a NIfTI atomically (temp file in the same folder, then ``os.replace``),
-    so readers never see a half-written file and an interrupted run leaves none.
+    """Write a NIfTI atomically (:func:`atomic_write`), so readers never see a
+    half-written file, an interrupted run leaves none, and the file gets the umask's mode.
 
     bool becomes uint8 and int64 becomes int32 (NIfTI readers choke on int64);
     sform and qform are both set (code 1, scanner) so every viewer agrees.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arr = np.asarray(data)
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8)
@@ -822,16 +820,7 @@ def save_nifti(path: str | os.PathLike[str], data: np.ndarray, affine: np.ndarra
     img.set_sform(aff, code=1)
     img.set_qform(aff, code=1)
     img.header.set_xyzt_units("mm")
-    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: nib.save(img, tmp))
 
 
 __all__ = [
