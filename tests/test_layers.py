@@ -197,3 +197,13 @@ def test_the_checker_sees_lazy_relative_and_dynamic_imports():
         "gvsl.export.x imports gvsl.cli.app (export -> cli)",
     }
     assert not upward_violations({"gvsl.cli.demo": {"gvsl.export.pipeline", "gvsl.train", "gvsl.runtime.io"}})
+
+
+def test_every_package_is_shipped():
+    """A wheel holds only the packages pyproject.toml lists: every folder of a room with an
+    ``__init__.py`` (e.g. ``cli/bench/``) must be one of them, or an installed gvsl lacks it."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"])
+    packages = {name for name, path in source_modules().items() if path.name == "__init__.py"}
+    assert packages == listed
