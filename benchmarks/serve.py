@@ -148,7 +148,7 @@ def main() -> None:
     if not args.python:
         sys.exit("error: --python: give the serve venv's interpreter (or set GVSL_SERVE_PYTHON); README: gvsl serve")
 
-    from gvsl.bench import random_model_export, smooth_ct_cube
+    from gvsl.cli.bench import random_model_export, smooth_ct_cube
     from gvsl.runtime import Embedder, Registrar
     from gvsl.runtime.client import GvslClient
     from gvsl.runtime.serve import EMBED_MODEL, REGISTER_MODEL

@@ -63,7 +63,7 @@ def demo(
 ) -> None:
     """Run the whole job on the bundled real sample: synth -> train -> export -> embed -> register,
     and write figures and summary.md into --out."""
-    from gvsl.demo import DemoConfig, run_demo
+    from gvsl.cli.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(
         subjects=subjects,

@@ -3,9 +3,9 @@
 The authors' pipeline (GVSL_SPEC.md §4) runs per sample in NumPy/SciPy on
 the host: Models Genesis damage with Python loops over 5000 blocks, and an
 elastic field smoothed by a full-resolution Gaussian of radius 4σ (≥ 40
-voxels) per axis, which dominates its cost (benchmarks/train_step.py keeps a
-re-implementation and times both). Here every step is a handful of batched
-torch ops on the device that holds the data, driven by one
+voxels) per axis, which dominates its cost (``gvsl.cli.bench.official`` keeps a
+re-implementation; ``gvsl bench --train`` and benchmarks/train_step.py time
+both). Here every step is a handful of batched torch ops on the device that holds the data, driven by one
 ``torch.Generator`` (so a seed reproduces a run on that device), with no
 NumPy and no per-voxel or per-block Python loop:
 

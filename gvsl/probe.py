@@ -291,11 +291,11 @@ def _evaluate(net: Any, head: Any, cases: Sequence[Case], num_classes: int, devi
 def _seg_loss(logits: Any, target: Any, num_classes: int) -> Any:
     """Cross-entropy + soft Dice over foreground classes (logits ``[N, C, ...]``)."""
     import torch
-    import torch.nn.functional as F
+    import torch.nn.functional as functional
 
-    ce = F.cross_entropy(logits, target)
+    ce = functional.cross_entropy(logits, target)
     prob = logits.softmax(1)
-    onehot = F.one_hot(target, num_classes).movedim(-1, 1).to(prob.dtype)
+    onehot = functional.one_hot(target, num_classes).movedim(-1, 1).to(prob.dtype)
     dims = tuple(d for d in range(prob.ndim) if d != 1)
     inter = (prob * onehot).sum(dims)
     den = prob.sum(dims) + onehot.sum(dims)

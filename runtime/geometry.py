@@ -17,10 +17,10 @@ from typing import Any
 
 def _as_like(affine: Any, like: Any) -> Any:
     """Return ``affine`` as the same array type, dtype and device as ``like``."""
-    if type(like).__module__.startswith("torch"):
-        import torch  # only reached when the caller already uses torch
-
-        return torch.as_tensor(affine, dtype=like.dtype, device=like.device)
+    if type(like).__module__.startswith("torch"):  # the tensor's own methods: no torch import here
+        if type(affine).__module__.startswith("torch"):
+            return affine.to(dtype=like.dtype, device=like.device)
+        return like.new_tensor(affine)
     import numpy as np
 
     return np.asarray(affine, dtype=like.dtype)

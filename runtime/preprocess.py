@@ -199,12 +199,16 @@ def _check_finite(data: np.ndarray, name: str) -> None:
         )
 
 
-def load_volume(path: str | os.PathLike[str], max_voxels: int | None = None, keep_dtype: bool = False) -> Volume:
+def load_volume(
+    path: str | os.PathLike[str], max_voxels: int | None = None, keep_dtype: bool = False, isal: bool = True
+) -> Volume:
     """Read a NIfTI (or MGH / Analyze) volume as float32, validating everything.
 
     ``keep_dtype=True`` leaves unscaled integer data in its stored type (float32
     otherwise): for callers that only :func:`preprocess` it, which converts while
     it resamples, so a CT never gets a full-size float32 copy.
+    ``isal=False`` inflates ``.nii.gz`` with nibabel's zlib reader instead of
+    ISA-L (same values; ``gvsl bench --preprocess`` measures what ISA-L buys).
 
     Every failure is a :class:`GvslInputError` naming the file, so that a bad file
     in a folder of thousands reads as a one-line report, not a traceback. The
@@ -214,14 +218,16 @@ def load_volume(path: str | os.PathLike[str], max_voxels: int | None = None, kee
     """
     p, name = Path(path), str(path)
     img, shape3, aff = _open(p, name, max_voxels)
-    return _read_volume(img, shape3, aff, p, keep_dtype)
+    return _read_volume(img, shape3, aff, p, keep_dtype, isal)
 
 
-def _read_volume(img: Any, shape3: tuple[int, int, int], aff: np.ndarray, p: Path, keep_dtype: bool) -> Volume:
+def _read_volume(
+    img: Any, shape3: tuple[int, int, int], aff: np.ndarray, p: Path, keep_dtype: bool, isal: bool = True
+) -> Volume:
     """The voxels of an :func:`_open`-ed file as a :class:`Volume`; read errors name the file."""
     name = str(p)
     try:
-        data, may_be_nonfinite = _read_voxels(img, shape3, p, keep_dtype)
+        data, may_be_nonfinite = _read_voxels(img, shape3, p, keep_dtype, isal)
     except MemoryError as e:
         raise GvslInputError(
             f"{name}: not enough memory to load {_fmt_shape(tuple(img.shape))} voxels; crop or downsample it",
@@ -273,7 +279,7 @@ _DIRECT_DTYPES = frozenset("int8 uint8 int16 uint16 int32 uint32 float32 float64
 
 
 def _read_voxels(
-    img: Any, shape3: tuple[int, int, int], path: Path, keep_dtype: bool = False
+    img: Any, shape3: tuple[int, int, int], path: Path, keep_dtype: bool = False, isal: bool = True
 ) -> tuple[np.ndarray, bool]:
     """(float32 voxels, whether they can hold NaN/Inf), the values of
     ``img.get_fdata(dtype=float32)``, in the file's own layout (``keep_dtype``:
@@ -288,7 +294,7 @@ def _read_voxels(
     """
     proxy = img.dataobj
     if nib.is_proxy(proxy) and _unscaled(proxy) and hasattr(proxy, "get_unscaled"):
-        raw = _inflate_nifti(img, path)
+        raw = _inflate_nifti(img, path) if isal else None
         if raw is None:
             raw = np.asanyarray(proxy.get_unscaled())
         if raw.dtype.name in _DIRECT_DTYPES:
