@@ -42,8 +42,12 @@ def train(
     w_smooth: Annotated[float, typer.Option(help="Weight of the DVF smoothness loss.")] = 1.0,
     spacing: Annotated[str, typer.Option(help="Resample to this voxel size in mm (one or three), or 'native'.")] = "1",
     modality: Annotated[
-        str, typer.Option(help="Intensity normalisation: ct (HU window), mr (percentiles), none.")
-    ] = "ct",
+        str,
+        typer.Option(
+            help="Intensity normalisation: auto (CT or MR decided per volume from its values), ct (HU window), "
+            "mr (percentiles), none."
+        ),
+    ] = "auto",
     synth: Annotated[
         str | None,
         typer.Option(
