@@ -245,6 +245,26 @@ def _on_grid(vol: Volume, spacing: float, order: int) -> Volume:
     return resample(to_canonical(vol), spacing, order=order)
 
 
+def _labels_on_grid(labels: np.ndarray, affine: np.ndarray, spacing: float, source: str) -> Volume:
+    """A label map in RAS+ at ``spacing`` mm. Where that is finer than the map (a CT's 10 mm
+    slices at 2 mm) each label's indicator is resampled linearly and the largest wins, so
+    boundaries are interpolated between slices instead of repeating them as stairs."""
+    vol = to_canonical(Volume(labels.astype(np.float32), affine, source))
+    if max(vol.spacing) <= 1.5 * spacing:  # not upsampled by much: nearest neighbour is exact enough
+        out = resample(vol, spacing, order=0)
+        return Volume(np.rint(out.data).astype(np.int16), out.affine, source)
+    values = np.unique(vol.data).astype(np.int16)
+    best = score = None
+    for v in values:
+        grid = resample(Volume((vol.data == v).astype(np.float32), vol.affine, source), spacing, order=1)
+        if best is None:
+            best, score = np.full(grid.data.shape, v, np.int16), grid.data
+        else:
+            win = grid.data > score
+            best[win], score = v, np.maximum(score, grid.data)
+    return Volume(best, grid.affine, source)
+
+
 def _mni_map(template: str, spacing: float) -> LabelMap:
     """The MNI brain: 0 air, 1 CSF (inside the brain outline, neither grey nor white matter),
     2 grey and 3 white matter (the template's maps), 4 skull (dark non-brain head voxels of
@@ -303,8 +323,8 @@ def _label_file_maps(src: dict[str, Any], spacing: float, where: str) -> list[La
                     lab_path,
                 )
             classes[v] = src["default_class"]
-        grid = _on_grid(Volume(data.astype(np.float32), lab.affine, lab_path), spacing, order=0)
-        maps.append(LabelMap(np.rint(grid.data).astype(np.int16), grid.affine, classes, lab_path))
+        grid = _labels_on_grid(data, lab.affine, spacing, lab_path)
+        maps.append(LabelMap(grid.data, grid.affine, classes, lab_path))
     derived = {int(r["label"]) for r in derive}
     missing = sorted(set(named) - present - derived)
     if missing:
@@ -318,7 +338,9 @@ def _label_file_maps(src: dict[str, Any], spacing: float, where: str) -> list[La
 def kmeans_labels(image: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """Label map of a real volume: 0 outside its foreground (above 10 % of the 99th
     percentile, holes filled), 1..k the intensity clusters inside (1-D k-means,
-    quantile-initialised, labels sorted by intensity)."""
+    quantile-initialised, labels sorted by intensity) of the image smoothed by one
+    voxel, so scanner noise does not speckle the regions."""
+    image = ndimage.gaussian_filter(np.asarray(image, np.float32), 1.0)
     hi = float(np.percentile(image, 99))
     fg = ndimage.binary_fill_holes(image > 0.1 * hi)
     values = image[fg].astype(np.float64)
