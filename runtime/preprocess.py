@@ -95,6 +95,16 @@ class PreprocessConfig:
         return cls(**d)
 
 
+def with_modality(cfg: PreprocessConfig, modality: str | None) -> PreprocessConfig:
+    """``cfg`` with its modality replaced (``None`` keeps the model's own): how ``--modality``
+    overrides what a model was trained with, validated like any config."""
+    if modality is None or modality == cfg.modality:
+        return cfg
+    if modality not in MODALITIES:
+        raise GvslInputError(f"--modality {modality}: use one of {', '.join(MODALITIES)}")
+    return replace(cfg, modality=modality)
+
+
 def _float_tuple(value: Any, n: int, name: str) -> tuple[float, ...]:
     try:
         out = tuple(float(v) for v in value)

@@ -49,7 +49,7 @@ from .errors import GvslInputError
 from .geometry import dvf_voxel_to_mm
 from .io import DEFAULT_MAX_VOXELS, VolumeLike, load_labels, read_volume, save_displacement_field
 from .metrics import folding_stats, jacobian_determinant, ncc
-from .preprocess import Volume, normalize_intensity, pad_to_multiple, preprocess, save_nifti
+from .preprocess import Volume, normalize_intensity, pad_to_multiple, preprocess, save_nifti, with_modality
 from .warp import resample_to_grid, warp_by_displacement
 
 __all__ = ["INITS", "Registrar", "Registration", "network_affine_to_voxel"]
@@ -111,6 +111,8 @@ class Registration:
     fixed_source: str = "<fixed>"
     moving_source: str = "<moving>"
     label_sources: list[str] = field(default_factory=list)
+    #: how the fixed and the moving image were normalised (what ``--modality auto`` decided)
+    modalities: tuple[str | None, str | None] = (None, None)
 
     def save_warped(self, path: str | os.PathLike[str]) -> Path:
         return save_nifti(path, self.warped, self.affine)
@@ -151,6 +153,7 @@ class Registrar:
         init: str = "world",
         fill: float | str = "min",
         max_voxels: int | None = DEFAULT_MAX_VOXELS,
+        modality: str | None = None,
         **backend_options: Any,
     ) -> None:
         if init not in INITS:
@@ -166,6 +169,8 @@ class Registrar:
         self.init = init
         self.fill = fill
         self.max_voxels = max_voxels
+        #: the model's preprocessing with ``modality`` (auto, ct, mr, none) if given
+        self.preprocess = with_modality(self.info.preprocess, modality)
 
     @property
     def info(self) -> ModelInfo:
@@ -197,9 +202,9 @@ class Registrar:
         else:
             label_list = [labels]
         label_maps = [load_labels(lab, max_voxels=self.max_voxels) for lab in label_list]
-        cfg = self.info.preprocess
+        cfg = self.preprocess
         fpre = preprocess(fvol, cfg)
-        mpre = preprocess(mvol, cfg)
+        mpre = preprocess(mvol, cfg)  # auto: each image is normalised as what it is
         shift = _centre(mvol) - _centre(fvol) if self.init == "center" else np.zeros(3)
 
         # moving onto the fixed model grid through world space (+ initial shift); 0 = background
@@ -234,12 +239,13 @@ class Registrar:
         vox[:3] = network_affine_to_voxel(matrix, fpad.shape)
         world_matrix = _translation(shift) @ pad_affine @ vox @ np.linalg.inv(pad_affine)
 
-        fixed_n = normalize_intensity(fvol.data, cfg)
+        fixed_cfg, moving_cfg = with_modality(cfg, fpre.modality), with_modality(cfg, mpre.modality)
+        fixed_n = normalize_intensity(fvol.data, fixed_cfg)
         det = jacobian_determinant(dvf_mm, fvol.affine)
         jmin, folding = folding_stats(det)
         metrics = {
-            "ncc_before": ncc(fixed_n, normalize_intensity(before, cfg)),
-            "ncc_after": ncc(fixed_n, normalize_intensity(warped, cfg)),
+            "ncc_before": ncc(fixed_n, normalize_intensity(before, moving_cfg)),
+            "ncc_after": ncc(fixed_n, normalize_intensity(warped, moving_cfg)),
             "jacobian_min": jmin,
             "folding_percent": folding,
             "max_displacement_mm": float(np.sqrt((dvf_mm.astype(np.float64) ** 2).sum(axis=0)).max()),
@@ -257,4 +263,5 @@ class Registrar:
             fixed_source=fvol.source,
             moving_source=mvol.source,
             label_sources=[name for _, _, name in label_maps],
+            modalities=(fpre.modality, mpre.modality),
         )

@@ -109,6 +109,8 @@ class ServeOptions:
     overlap: float = 0.5
     window_batch: int = 1
     init: str = "world"
+    #: normalisation of every request (auto: CT or MR decided per volume; None: the model's own)
+    modality: str | None = "auto"
     exit_timeout: int = 10
     log_verbose: int = 0
     log_file: Path | None = None
@@ -136,6 +138,10 @@ class ServeOptions:
             raise ServeError(f"--queue-delay-us {self.queue_delay_us}: must be >= 0")
         if self.init not in INITS:
             raise ServeError(f"--init {self.init}: use one of {', '.join(INITS)}")
+        from .preprocess import MODALITIES
+
+        if self.modality is not None and self.modality not in MODALITIES:
+            raise ServeError(f"--modality {self.modality}: use one of {', '.join(MODALITIES)} or model")
         if not self.models:
             raise ServeError("no model to serve")
 
@@ -320,7 +326,7 @@ class EmbedHandler(_Handler):
         for k in range(images.shape[0]):
             vol = _volume(images[k], affines[k], f"{EMBED_MODEL} input 'image'", self.max_voxels)
             try:
-                pre = preprocess(vol, self.embedder.info.preprocess)
+                pre = preprocess(vol, self.embedder.preprocess)
                 res = self.embedder.embed_prepared(vol, pre, dense=dense, grid="input")
             except GvslInputError as e:
                 raise RequestError(f"{EMBED_MODEL}: {e}") from None
@@ -458,6 +464,7 @@ def build_handlers(opts: ServeOptions) -> dict[str, tuple[Callable, list, list]]
             overlap=opts.overlap,
             window_batch=opts.window_batch,
             max_voxels=opts.max_voxels,
+            modality=opts.modality,
             **backend_options,
         )
         info = embedder.info
@@ -465,9 +472,13 @@ def build_handlers(opts: ServeOptions) -> dict[str, tuple[Callable, list, list]]
         out[EMBED_MODEL] = (EmbedHandler(embedder, opts), ins, outs)
     if REGISTER_MODEL in opts.models:
         first = Registrar(
-            opts.model, opts.backend, opts.device, init="world", max_voxels=opts.max_voxels, **backend_options
-        )
-        regs = {"world": first, "center": Registrar(first.backend, init="center", max_voxels=opts.max_voxels)}
+            opts.model, opts.backend, opts.device, init="world", max_voxels=opts.max_voxels, modality=opts.modality,
+            **backend_options,
+        )  # fmt: skip
+        regs = {
+            "world": first,
+            "center": Registrar(first.backend, init="center", max_voxels=opts.max_voxels, modality=opts.modality),
+        }
         ins, outs = _register_tensors()
         out[REGISTER_MODEL] = (RegisterHandler(regs, opts), ins, outs)
     return out

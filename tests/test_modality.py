@@ -98,3 +98,62 @@ def test_auto_normalises_each_volume_as_what_it_is(tmp_path):
         raw, pre = load_preprocessed(path, auto)
         assert pre.modality == truth
         assert np.array_equal(pre.data, load_preprocessed(path, fixed)[1].data)
+
+
+# ----------------------------------------------------------------------------- commands
+def _save(tmp_path: Path, name: str, data: np.ndarray, spacing: float = 4.0) -> Path:
+    aff = np.diag([spacing, spacing, spacing, 1.0])
+    aff[:3, 3] = -spacing * (np.asarray(data.shape) - 1) / 2
+    path = tmp_path / name
+    nib.save(nib.Nifti1Image(data.astype(np.float32), aff), path)
+    return path
+
+
+def test_embed_decides_per_volume_reports_it_and_can_be_overridden(tmp_path):
+    from typer.testing import CliRunner
+
+    from gvsl.cli.main import app
+    from gvsl.runtime.default_model import default_model_dir
+    from gvsl.runtime.embed import Embedder
+
+    runner = CliRunner()
+    (tmp_path / "in").mkdir()
+    ct = _save(tmp_path / "in", "ct.nii.gz", hu_phantom()[::2, ::2, ::2])
+    _save(tmp_path / "in", "mr.nii.gz", np.asarray(nib.load(SAMPLE_T1).dataobj)[::2, ::2, ::2])
+    res = runner.invoke(app, ["embed", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--format", "npz"])
+    assert res.exit_code == 0, res.output
+    assert str(np.load(tmp_path / "out" / "ct.npz")["modality"]) == "ct"
+    assert str(np.load(tmp_path / "out" / "mr.npz")["modality"]) == "mr"
+    assert "ct 1, mr 1" in res.output  # the summary table counts the decisions
+    # auto = the modality it decided, and an override changes the input the encoder sees
+    with Embedder(default_model_dir()) as model_own, Embedder(default_model_dir(), modality="ct") as forced:
+        assert model_own.preprocess.modality == "mr"  # the shipped model was trained on MR
+        e_auto = np.load(tmp_path / "out" / "ct.npz")["embedding"]
+        assert not np.allclose(model_own.embed(ct).embedding, e_auto, atol=1e-4)  # MR percentiles on a CT differ
+        assert np.allclose(forced.embed(ct).embedding, e_auto, atol=1e-5)
+    # a volume auto cannot decide: one line naming it and the override; --modality mr embeds it
+    (tmp_path / "odd").mkdir()
+    odd = _save(tmp_path / "odd", "zscored.nii.gz", np.random.default_rng(0).standard_normal((24, 24, 24)))
+    res = runner.invoke(app, ["embed", str(odd), "-o", str(tmp_path / "out2")])
+    assert res.exit_code == 1 and "zscored.nii.gz" in res.output and "--modality ct or --modality mr" in res.output
+    assert not (tmp_path / "out2" / "zscored.npy").exists()
+    res = runner.invoke(app, ["embed", str(odd), "-o", str(tmp_path / "out3"), "--modality", "mr", "-q"])
+    assert res.exit_code == 0 and (tmp_path / "out3" / "zscored.npy").is_file()
+
+
+def test_register_reports_each_images_modality(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from gvsl.cli.main import app
+
+    ct = _save(tmp_path, "ct.nii.gz", hu_phantom()[::2, ::2, ::2])
+    mr = _save(tmp_path, "mr.nii.gz", np.asarray(nib.load(SAMPLE_T1).dataobj)[::2, ::2, ::2])
+    res = CliRunner().invoke(
+        app, ["register", str(ct), str(mr), "-o", str(tmp_path / "w.nii.gz"), "--metrics", str(tmp_path / "m.json")]
+    )
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert (m["modality_fixed"], m["modality_moving"]) == ("ct", "mr")
+    assert "ct / mr" in res.output
