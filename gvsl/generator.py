@@ -86,6 +86,7 @@ _TOP_KEYS = {"format", "description", "notes", "held_out", "root", "spacing", "s
 _SOURCE_KEYS = {
     "mni": {"name", "kind", "probability", "p_ct", "template"},
     "label_map": {"name", "kind", "probability", "p_ct", "label_maps", "images", "labels", "default_class", "derive"},
+    "masks": {"name", "kind", "probability", "p_ct", "folders", "images", "labels", "default_class", "derive"},
     "clusters": {"name", "kind", "probability", "p_ct", "images", "k", "classes"},
     "shapes": {"name", "kind", "probability", "p_ct", "n_labels", "sigma_mm"},
 }
@@ -128,17 +129,23 @@ def load_recipe(name: str | os.PathLike[str], root: str | os.PathLike[str] | Non
         for key in ("label_maps", "images"):
             if key in src:
                 src[key] = [str(f) for f in _expand(src[key], base.resolve(), path, src.get("name", "?"))]
+        if "folders" in src:
+            src["folders"] = [str(f) for f in _expand(src["folders"], base.resolve(), path, src.get("name", "?"), True)]
     validate_recipe(recipe, str(path))
     return recipe
 
 
-def _expand(entries: Any, base: Path, recipe: Path, source: str) -> list[Path]:
-    """Files named by a recipe source: paths, folders (their NIfTIs) or glob patterns."""
+def _expand(entries: Any, base: Path, recipe: Path, source: str, folders: bool = False) -> list[Path]:
+    """Files named by a recipe source: paths, folders (their NIfTIs) or glob patterns; with
+    ``folders``, the folders themselves (each one subject's masks)."""
     items = [entries] if isinstance(entries, str) else list(entries)
     out: list[Path] = []
     for item in items:
         p = Path(item) if Path(item).is_absolute() else base / item
-        if p.is_dir():
+        if folders:
+            found = sorted(Path(f) for f in glob.glob(str(p)) if Path(f).is_dir()) if glob.has_magic(str(p)) else []
+            found = found or ([p] if p.is_dir() else [])
+        elif p.is_dir():
             found = sorted(f for f in p.iterdir() if f.name.endswith((".nii", ".nii.gz")))
         elif glob.has_magic(str(p)):
             found = sorted(Path(f) for f in glob.glob(str(p)))
@@ -224,8 +231,11 @@ def validate_recipe(recipe: dict[str, Any], where: str) -> None:
         if bad:
             raise GvslInputError(f"{name}: unknown tissue classes {bad}; known: {sorted(classes)} "
                                  "(add more under appearance.ct_hu)")  # fmt: skip
-        if kind == "label_map" and "images" in src and len(src["images"]) != len(src["label_maps"]):
-            raise GvslInputError(f"{name}: give one image per label map ({len(src['label_maps'])} label maps, "
+        entries = src.get("label_maps" if kind == "label_map" else "folders")
+        if kind in ("label_map", "masks") and not entries:
+            raise GvslInputError(f'{name}: list its files under "{"label_maps" if kind == "label_map" else "folders"}"')
+        if kind in ("label_map", "masks") and "images" in src and len(src["images"]) != len(entries):
+            raise GvslInputError(f"{name}: give one image per label map ({len(entries)} label maps, "
                                  f"{len(src['images'])} images)")  # fmt: skip
         if kind == "shapes":
             _range(src.get("n_labels", [3, 10]), "n_labels", name, lo=2)
@@ -302,14 +312,42 @@ def _check_same_grid(label: Volume, image: Volume, label_path: str, image_path: 
         )
 
 
+def _mask_folder(folder: str, where: str) -> tuple[Volume, dict[str, int]]:
+    """One subject's binary masks (a folder of NIfTIs, one structure each: TotalSegmentator's
+    output) as one label map: mask k of the sorted files is label k + 1 (later files win
+    where masks overlap); returns it and ``{file stem: label}``."""
+    files = sorted(f for f in Path(folder).iterdir() if f.name.endswith((".nii", ".nii.gz")))
+    if not files:
+        raise GvslInputError(f"{where}: {folder} holds no .nii/.nii.gz masks; point the source at mask folders")
+    first = load_volume(files[0])
+    labels = np.zeros(first.data.shape, np.int16)
+    stems = {}
+    for k, f in enumerate(files, start=1):
+        mask = first if k == 1 else load_volume(f)
+        _check_same_grid(mask, first, str(f), str(files[0]))
+        labels[mask.data > 0.5] = k
+        stems[f.name.split(".nii")[0]] = k
+    return Volume(labels.astype(np.float32), first.affine, folder), stems
+
+
 def _label_file_maps(src: dict[str, Any], spacing: float, where: str) -> list[LabelMap]:
-    """Label NIfTIs, each optionally refined by threshold rules on its image."""
-    named = {int(k): v for k, v in src.get("labels", {}).items()}
+    """Label NIfTIs (kind ``label_map``) or folders of binary masks (kind ``masks``), each
+    optionally refined by threshold rules on its image."""
+    masks = src["kind"] == "masks"
+    entries = src["folders"] if masks else src["label_maps"]
+    named_raw = dict(src.get("labels", {}))
     derive = src.get("derive", [])
-    images = src.get("images", [None] * len(src["label_maps"]))
+    images = src.get("images", [None] * len(entries))
     maps, present = [], set()
-    for lab_path, img_path in zip(src["label_maps"], images, strict=True):
-        lab = load_volume(lab_path)
+    for lab_path, img_path in zip(entries, images, strict=True):
+        if masks:
+            lab, stems = _mask_folder(lab_path, where)
+            named = {stems[k]: v for k, v in named_raw.items() if k in stems}
+            named[0] = named_raw.get("background", "air")
+            present |= set(stems) & set(named_raw)
+        else:
+            lab = load_volume(lab_path)
+            named = {int(k): v for k, v in named_raw.items()}
         data = np.rint(lab.data).astype(np.int16)
         classes = dict(named)
         if derive:
@@ -324,23 +362,27 @@ def _label_file_maps(src: dict[str, Any], spacing: float, where: str) -> list[La
                 data[within & (img.data >= lo) & (img.data < hi)] = int(rule["label"])
                 classes[int(rule["label"])] = rule["class"]
         values = set(np.unique(data).tolist())
-        present |= values
+        if not masks:
+            present |= values
         for v in values - set(classes):
             if "default_class" not in src:
+                what = f"mask {next(k for k, n in stems.items() if n == v)!r}" if masks else f"label {v}"
                 raise GvslInputError(
-                    f"{lab_path}: label {v} has no tissue class in source {src['name']!r}; name it under "
+                    f"{lab_path}: {what} has no tissue class in source {src['name']!r}; name it under "
                     '"labels" or set "default_class"',
                     lab_path,
                 )
             classes[v] = src["default_class"]
         grid = _labels_on_grid(data, lab.affine, spacing, lab_path)
         maps.append(LabelMap(grid.data, grid.affine, classes, lab_path))
-    derived = {int(r["label"]) for r in derive}
-    missing = sorted(set(named) - present - derived)
+    if masks:
+        missing = sorted(set(named_raw) - present - {"background"})
+    else:
+        missing = sorted({int(k) for k in named_raw} - present - {int(r["label"]) for r in derive})
     if missing:
         raise GvslInputError(
-            f"{where}: source {src['name']!r} names labels {missing}, which none of its label maps contains; "
-            "fix the label numbers"
+            f"{where}: source {src['name']!r} names labels {missing}, which none of its "
+            f"{'mask folders' if masks else 'label maps'} contains; fix the label {'names' if masks else 'numbers'}"
         )
     return maps
 
@@ -437,7 +479,7 @@ class SynthGenerator:
             kind = src["kind"]
             if kind == "mni":
                 self.maps.append([_mni_map(src.get("template", "sample"), self.spacing)])
-            elif kind == "label_map":
+            elif kind in ("label_map", "masks"):
                 self.maps.append(_label_file_maps(src, self.spacing, where))
             elif kind == "clusters":
                 self.maps.append(_cluster_maps(src, self.spacing))

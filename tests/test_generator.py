@@ -369,3 +369,30 @@ def test_synth_command_bad_recipe_is_one_line(tmp_path):
     res = runner.invoke(app, ["synth", "--recipe", str(bad), "-o", str(tmp_path / "out")])
     assert res.exit_code == 2 and "unknown keys ['colour']" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_of_binary_masks_is_one_label_map(tmp_path):
+    """TotalSegmentator-style output (one binary NIfTI per structure) becomes one label map
+    whose labels carry the classes named by file stem; the draws paint them as such."""
+    img, lab = body_volume(tmp_path)
+    seg = np.asarray(nib.load(lab).dataobj)
+    hu = np.asarray(nib.load(img).dataobj)
+    aff = nib.load(lab).affine
+    folder = tmp_path / "subject1" / "segmentations"
+    folder.mkdir(parents=True)
+    for name, mask in (("lung_left", seg == 2), ("body", seg == 1), ("spine", hu == 700.0)):
+        nib.save(nib.Nifti1Image(mask.astype(np.uint8), aff), folder / f"{name}.nii.gz")
+    src = {"name": "ts", "kind": "masks", "folders": ["subject1/segmentations"],
+           "labels": {"lung_left": "lung", "body": "soft", "spine": "bone"}}  # fmt: skip
+    recipe = load_recipe(write_recipe(tmp_path / "r.json", [src]))
+    lm = SynthGenerator(recipe).maps[0][0]
+    # sorted stems: body 1, lung_left 2, spine 3 (later files win where masks overlap)
+    assert lm.classes == {0: "air", 1: "soft", 2: "lung", 3: "bone"}
+    assert np.array_equal(lm.labels == 2, seg == 2) and np.array_equal(lm.labels == 3, hu == 700.0)
+    src["labels"]["liver"] = "soft"
+    with pytest.raises(GvslInputError, match=r"names labels \['liver'\], which none of its mask folders"):
+        SynthGenerator(load_recipe(write_recipe(tmp_path / "r2.json", [src])))
+    src["labels"].pop("liver")
+    src["labels"].pop("spine")
+    with pytest.raises(GvslInputError, match="mask 'spine' has no tissue class"):
+        SynthGenerator(load_recipe(write_recipe(tmp_path / "r3.json", [src])))
