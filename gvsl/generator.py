@@ -24,6 +24,10 @@ inside the training loop (one 64^3-96^3 draw is well under a second on a core):
 Labels move with the image: the warped label map is returned with every draw,
 and a voxel's intensity before artefacts is a function of its label only.
 Draws are reproducible from a ``numpy.random.Generator``.
+
+The file is past 600 lines because the recipe's validation, the label-map sources
+and the drawing belong together: every recipe key is read and checked here, next
+to the code that honours it.
 """
 
 from __future__ import annotations
