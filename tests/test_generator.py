@@ -101,10 +101,14 @@ def test_draws_are_reproducible_from_a_seed(phantom_recipe):
 def test_a_voxels_label_determines_its_intensity_and_the_pair_shares_it(tmp_path, phantom_recipe):
     recipe = load_recipe(phantom_recipe)
     recipe["artefacts"] = CLEAN
-    recipe["appearance"] = {"ct_std_hu": [0, 0], "mr_std": [0, 0], "gamma": [1, 1]}
+    # a narrow requested range for soft tissue and MR means: the draws must honour them
+    recipe["appearance"] = {"ct_std_hu": [0, 0], "mr_std": [0, 0], "gamma": [1, 1], "ct_hu": {"soft": [100, 110]},
+                            "mr_mean": [0.4, 0.6]}  # fmt: skip
     gen = SynthGenerator(recipe)
+    requested = {**CT_HU, "soft": (100.0, 110.0)}
     rng = np.random.default_rng(0)
-    for _ in range(6):
+    seen = set()
+    for _ in range(8):
         a, b = gen.draw_pair(rng)
         for v in np.unique(a.labels):
             values = a.image[a.labels == v]
@@ -112,11 +116,14 @@ def test_a_voxels_label_determines_its_intensity_and_the_pair_shares_it(tmp_path
             other = b.image[b.labels == v]
             if other.size:
                 assert np.allclose(other, values[0], rtol=1e-5, atol=1e-4)  # same appearance in the pair
+            cls = gen.maps[0][0].classes[int(v)]
+            seen.add(a.modality)
             if a.modality == "ct":  # the requested HU range of the label's tissue class
-                lo, hi = CT_HU[gen.maps[0][0].classes[int(v)]]
-                assert lo <= values[0] <= hi, (v, values[0])
-            else:
-                assert 0.0 <= values[0] <= 1.0
+                lo, hi = requested[cls]
+            else:  # air and lung are dark in MR; the other labels take the requested mean range
+                lo, hi = (0.0, 0.05) if cls in ("air", "lung") else (0.4, 0.6)
+            assert lo <= values[0] <= hi, (a.modality, cls, values[0])
+    assert seen == {"ct", "mr"}  # p_ct 0.5: both appearances were checked
 
 
 def test_labels_move_with_the_image(tmp_path):
