@@ -34,9 +34,41 @@ def synth(
     elastic_mm: Annotated[float, typer.Option(help="Peak elastic displacement in mm.")] = 6.0,
     rotation_deg: Annotated[float, typer.Option(help="Largest rotation per axis in degrees.")] = 8.0,
     save_fields: Annotated[bool, typer.Option(help="Also write each true displacement field.")] = False,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            help="Draw from the label-map generator instead: a recipe JSON (label maps, intensity models, "
+            "artefacts; see gvsl/assets/recipes) or a shipped recipe name (default, default_v2). Writes images "
+            "in HU (CT draws) or MR units with their warped label maps."
+        ),
+    ] = None,
+    recipe_root: Annotated[
+        Path | None, typer.Option(help="Folder the recipe's relative file names start from.")
+    ] = None,
+    shape: Annotated[str | None, typer.Option(help="With --recipe: grid size X,Y,Z or one number.")] = None,
+    pairs: Annotated[
+        bool, typer.Option(help="With --recipe: write pairs (_a, _b) that share one appearance model.")
+    ] = False,
 ) -> None:
     """Make synthetic subjects: a real template under random smooth deformations and
-    MR-like intensity changes, with grey/white-matter labels where the source has them."""
+    MR-like intensity changes, with grey/white-matter labels where the source has them;
+    or, with --recipe, SynthSeg-style CT/MR subjects drawn from label maps."""
+    if recipe is not None:
+        from gvsl.cli.app import parse_triple
+        from gvsl.generator import load_recipe, write_draws
+
+        recs = write_draws(
+            out,
+            load_recipe(recipe, root=recipe_root),
+            n,
+            seed=seed,
+            shape=None if shape is None else parse_triple(shape, "--shape"),
+            spacing=spacing,
+            pairs=pairs,
+            prefix=prefix,
+        )
+        err.print(f"wrote {len(recs)} subjects to {out}", highlight=False)
+        return
     from gvsl.synth import SynthConfig, make_subjects
 
     cfg = SynthConfig(elastic_mm=elastic_mm, rotation_deg=rotation_deg)

@@ -17,7 +17,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from gvsl.cli.app import app, err, progress_bar, user_errors
+from gvsl.cli.app import MODALITY_HELP, app, err, progress_bar, user_errors
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -119,6 +119,7 @@ def embed(
         ),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Recompute outputs that already exist (default: skip them).")] = False,
+    modality: Annotated[str, typer.Option(help=MODALITY_HELP)] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary; errors only.")] = False,
 ) -> None:
     """Embed volumes with a gvsl encoder: one global embedding per volume (optionally dense features).
@@ -171,6 +172,7 @@ def embed(
         return [out / f"{key}.npy"] + ([out / f"{key}_features.nii.gz"] if dense else [])
 
     todo = [it for it in items if overwrite or not all(p.is_file() for p in outputs_for(it.key))]
+    modalities: dict[str, int] = {}
     skipped = len(items) - len(todo)
     done = 0
     t0 = time.perf_counter()
@@ -192,7 +194,8 @@ def embed(
                 extra["int8_calibration"] = list(int8_calibration or [sample_volume()])
             embedder = Embedder(
                 model, "onnxruntime" if int8 else backend, "cpu" if int8 and device == "auto" else device,
-                overlap=overlap, window_batch=window_batch, max_voxels=max_voxels, threads=threads, **extra,
+                overlap=overlap, window_batch=window_batch, max_voxels=max_voxels, threads=threads,
+                modality=_modality(modality), **extra,
             )  # fmt: skip
         if dense and not embedder.has_dense:
             raise typer.BadParameter(
@@ -209,9 +212,10 @@ def embed(
                     vol, pre = fut.result()
                     res = embedder.embed_prepared(vol, pre, dense=dense, grid=grid)
                     outs = outputs_for(item.key)
+                    modalities[res.modality or "server"] = modalities.get(res.modality or "server", 0) + 1
                     if format == "npz":
                         extra = {"features": res.features, "affine": res.affine} if dense else {}
-                        save_npz(outs[0], embedding=res.embedding, **extra)
+                        save_npz(outs[0], embedding=res.embedding, modality=res.modality or "", **extra)
                     else:
                         if dense:
                             save_nifti(outs[1], res.features.transpose(1, 2, 3, 0), res.affine)
@@ -226,7 +230,7 @@ def embed(
                     failures.append((str(item.path), why))
                 progress.advance(task)
         embedder.close()
-    _embed_summary(done, skipped, len(items), failures, time.perf_counter() - t0, quiet)
+    _embed_summary(done, skipped, len(items), failures, time.perf_counter() - t0, quiet, modalities)
     if failures:
         raise typer.Exit(1)
 
@@ -322,17 +326,30 @@ def _merge_embeddings(folders: list[str], out: Path, overwrite: bool, quiet: boo
         )
 
 
+def _modality(text: str) -> str | None:
+    """``--modality``: auto, ct, mr, none, or ``model`` (None: the model's own setting)."""
+    from gvsl.runtime.preprocess import MODALITIES
+
+    if text == "model":
+        return None
+    if text not in MODALITIES:
+        raise typer.BadParameter(f"--modality must be one of {', '.join(MODALITIES)} or model, got {text!r}")
+    return text
+
+
 def _embed_summary(
-    done: int, skipped: int, total: int, failures: list[tuple[str, str]], seconds: float, quiet: bool
-) -> None:
+    done: int, skipped: int, total: int, failures: list[tuple[str, str]], seconds: float, quiet: bool,
+    modalities: dict[str, int] | None = None,
+) -> None:  # fmt: skip
     from rich.table import Table
 
     if not quiet:
         table = Table(title="gvsl embed", show_header=True, header_style="bold")
-        for col in ("inputs", "embedded", "skipped (exist)", "failed", "time", "s / volume"):
+        for col in ("inputs", "embedded", "skipped (exist)", "failed", "modality", "time", "s / volume"):
             table.add_column(col, justify="right")
         per = f"{seconds / done:.2f}" if done else "-"
-        table.add_row(str(total), str(done), str(skipped), str(len(failures)), f"{seconds:.1f} s", per)
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted((modalities or {}).items())) or "-"
+        table.add_row(str(total), str(done), str(skipped), str(len(failures)), kinds, f"{seconds:.1f} s", per)
         err.print(table)
     if failures:
         err.print(f"[bold red]{len(failures)} input(s) failed:[/]")
@@ -422,6 +439,7 @@ def register(
             "iteration (higher = smoother, less detail)."
         ),
     ] = 0.3,
+    modality: Annotated[str, typer.Option(help=MODALITY_HELP)] = "auto",
     backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "auto",
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     max_voxels: Annotated[int, typer.Option(help="Refuse inputs with more voxels than this.")] = 512 * 512 * 2048,
@@ -475,7 +493,14 @@ def register(
         backend_name = client.name
     else:
         with Registrar(
-            model, backend, device, init=init, refine=options, max_voxels=max_voxels, threads=threads
+            model,
+            backend,
+            device,
+            init=init,
+            refine=options,
+            max_voxels=max_voxels,
+            threads=threads,
+            modality=_modality(modality),
         ) as reg:
             res = reg.register(fixed, moving, labels=label_paths or None, fixed_labels=fixed_labels or None)
         backend_name = reg.backend.name
@@ -502,6 +527,8 @@ def register(
             "affine_network": res.matrix.tolist(),
             "affine_world_ras": res.world_matrix.tolist(),
             "backend": backend_name,
+            "modality_fixed": res.modalities[0],
+            "modality_moving": res.modalities[1],
         }
         written.append(save_text(metrics, json.dumps(payload, indent=2) + "\n"))
     if not quiet:
@@ -516,6 +543,8 @@ def register(
         table.add_row("Jacobian det min", f"{m['jacobian_min']:.4f}")
         table.add_row("folding voxels", f"{m['folding_percent']:.4f} %")
         table.add_row("max displacement", f"{m['max_displacement_mm']:.2f} mm")
+        if res.modalities[0] is not None:
+            table.add_row("modality fixed / moving", f"{res.modalities[0]} / {res.modalities[1]}")
         table.add_row("initial alignment", res.init)
         for level in res.refinement:
             table.add_row(f"refine {level['spacing_mm']:g} mm", f"local CC {level['local_cc']:.4f}")

@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from gvsl.cli.app import app, err, user_errors
+from gvsl.cli.app import MODALITY_HELP, app, err, user_errors
 
 _CHILD = "_GVSL_SERVE_CHILD"  # set in the re-executed process: never re-execute twice
 MODEL_CHOICES = {"embed": "gvsl_embed", "register": "gvsl_register"}
@@ -95,6 +95,7 @@ def serve(
     regularisation: Annotated[
         float, typer.Option(help="Default refinement smoothness in [0, 1] (per request: 'regularisation').")
     ] = 0.3,
+    modality: Annotated[str, typer.Option(help=MODALITY_HELP)] = "auto",
     exit_timeout: Annotated[int, typer.Option(help="Seconds Triton waits for in-flight requests when stopping.")] = 10,
     log_file: Annotated[Path | None, typer.Option(help="Write Triton's log here instead of the console.")] = None,
     log_verbose: Annotated[int, typer.Option(help="Triton verbose log level (0 = off).")] = 0,
@@ -128,7 +129,8 @@ def serve(
             "--instances", str(instances), "--max-batch", str(max_batch), "--queue-delay-us", str(queue_delay_us),
             "--max-request-mb", str(max_request_mb), "--max-voxels", str(max_voxels), "--backend", backend,
             "--device", device, "--threads", str(threads), "--overlap", str(overlap),
-            "--window-batch", str(window_batch), "--init", init, "--exit-timeout", str(exit_timeout),
+            "--window-batch", str(window_batch), "--init", init, "--modality", modality,
+            "--exit-timeout", str(exit_timeout),
             "--refine", str(refine), "--refine-levels", refine_levels, "--regularisation", str(regularisation),
             "--log-verbose", str(log_verbose),
         ]  # fmt: skip
@@ -167,6 +169,7 @@ def serve(
         refine=refine,
         refine_levels=tuple(float(v) for v in refine_levels.split(",")),
         regularisation=regularisation,
+        modality=None if modality == "model" else modality,
         exit_timeout=exit_timeout,
         log_verbose=log_verbose,
         log_file=log_path,

@@ -73,6 +73,10 @@ class TrainConfig:
     # memory format for the network and its inputs; torch.compile of the model
     channels_last: bool = False
     compile: bool = False
+    # on-the-fly synthetic pairs (gvsl/synth_source.py): the loaded recipe (absolute paths) and
+    # the share of pairs drawn from it; None trains on ``data`` only
+    synth: dict[str, Any] | None = None
+    synth_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
@@ -89,6 +93,17 @@ class TrainConfig:
         PreprocessConfig.from_dict(self.preprocess)
         AugmentConfig.from_dict(self.augment)
         LossWeights(**self.loss)
+        if self.synth is not None:
+            from gvsl.synth_source import check_ratio
+
+            check_ratio(self.synth_ratio)
+            if not self.data and self.synth_ratio < 1:
+                raise GvslInputError(
+                    f"--synth-ratio {self.synth_ratio}: part of the pairs should be real volumes but no DATA was "
+                    "given; pass DATA or --synth-ratio 1"
+                )
+        elif not self.data:
+            raise GvslInputError("no input volumes given; pass DATA (folders, files, globs) or --synth RECIPE")
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(
@@ -273,7 +288,7 @@ def _train(
     log: Callable[[str], None],
 ) -> TrainResult:
     pre = PreprocessConfig.from_dict(cfg.preprocess)
-    files = list_volumes(cfg.data)
+    files = list_volumes(cfg.data) if cfg.data else []
     cache = VolumeCache(Path(cfg.cache_dir) if cfg.cache_dir else out / "cache")
     # rank 0 fills the cache first so other ranks only read it
     if ddp.main:
@@ -283,7 +298,7 @@ def _train(
         good, bad = scan_volumes(files, pre, cache, skip_bad=cfg.skip_bad)
     good, too_small = _check_sizes(good, pre, cache, cfg.patch_size, cfg.skip_bad)
     bad = list(bad) + too_small
-    if not good:
+    if files and not good:
         raise GvslInputError(f"{', '.join(cfg.data)}: no usable volume left (all {len(bad)} were bad)")
     if ddp.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -298,9 +313,17 @@ def _train(
     optim = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     amp_dtype = _amp_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    dataset = PairDataset.from_cache(
-        good, pre, cache, cfg.patch_size, seed=cfg.seed, rank=ddp.rank, world_size=ddp.world
+    dataset = (
+        PairDataset.from_cache(good, pre, cache, cfg.patch_size, seed=cfg.seed, rank=ddp.rank, world_size=ddp.world)
+        if good
+        else None
     )
+    if cfg.synth is not None:  # on-the-fly synthetic pairs, mixed with the real ones
+        from gvsl.synth_source import SynthPairSource
+
+        dataset = SynthPairSource.from_recipe(
+            cfg.synth, cfg.synth_ratio, dataset, pre, cfg.patch_size, seed=cfg.seed, rank=ddp.rank
+        )
     aug_gen = torch.Generator(device=device)
     aug_gen.manual_seed(cfg.seed * 1000 + ddp.rank)
     step = 0
@@ -422,7 +445,12 @@ def _train(
                 preprocess=pre.to_dict(),
                 extra={
                     "patch_size": list(cfg.patch_size),
-                    "train": {"steps": step, "data": [str(p) for p in good], "final": last},
+                    "train": {
+                        "steps": step,
+                        "data": [str(p) for p in good],
+                        "final": last,
+                        **({"synth": cfg.synth, "synth_ratio": cfg.synth_ratio} if cfg.synth is not None else {}),
+                    },
                 },
             )
     return TrainResult(step, interrupted, model_dir, last, [(str(p), w) for p, w in bad])

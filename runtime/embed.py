@@ -43,7 +43,7 @@ from . import artifact as A
 from .backends import Backend, ModelInfo, load_backend
 from .errors import GvslInputError
 from .io import DEFAULT_MAX_VOXELS, VolumeLike, read_volume
-from .preprocess import Volume, load_preprocessed, pad_to_multiple, preprocess, unpad
+from .preprocess import PreprocessConfig, Volume, load_preprocessed, pad_to_multiple, preprocess, unpad, with_modality
 from .warp import resample_to_grid
 
 __all__ = ["Embedder", "Embedding", "gaussian_weight", "window_starts"]
@@ -66,6 +66,8 @@ class Embedding:
     source: str
     windows: int
     model_shape: tuple[int, int, int]
+    #: how the volume was normalised ("ct" / "mr" / "none"): what ``--modality auto`` decided
+    modality: str | None = None
 
 
 def window_starts(size: int, window: int, overlap: float) -> list[int]:
@@ -96,8 +98,9 @@ class Embedder:
     trained model folder / ``.pth`` (torch). ``backend``: auto, onnxruntime,
     tensorrt, torch; ``device``: auto, cpu, cuda, cuda:N. ``overlap`` of
     sliding windows (0 <= overlap < 1), ``window_batch`` windows per call,
-    ``max_voxels`` per input volume. Extra keywords go to the backend
-    (``threads``, ``cache_dir``, ``max_contexts`` ...).
+    ``max_voxels`` per input volume. ``modality`` overrides the model's
+    normalisation (auto, ct, mr, none; None keeps the model's). Extra keywords go
+    to the backend (``threads``, ``cache_dir``, ``max_contexts`` ...).
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class Embedder:
         overlap: float = 0.5,
         window_batch: int = 1,
         max_voxels: int | None = DEFAULT_MAX_VOXELS,
+        modality: str | None = None,
         **backend_options: Any,
     ) -> None:
         if not 0.0 <= overlap < 1.0:
@@ -124,6 +128,8 @@ class Embedder:
         self.overlap = float(overlap)
         self.window_batch = int(window_batch)
         self.max_voxels = max_voxels
+        #: the preprocessing this embedder applies: the model's, with ``modality`` if given
+        self.preprocess: PreprocessConfig = with_modality(self.info.preprocess, modality)
 
     @property
     def info(self) -> ModelInfo:
@@ -150,9 +156,9 @@ class Embedder:
         # integer files stay integer and are converted while they are resampled; a NIfTI
         # file is inflated and resampled at once (load_preprocessed)
         if isinstance(x, str | os.PathLike) and Path(x).is_file():
-            return load_preprocessed(x, self.info.preprocess, max_voxels=self.max_voxels)
+            return load_preprocessed(x, self.preprocess, max_voxels=self.max_voxels)
         vol = read_volume(x, max_voxels=self.max_voxels, keep_dtype=True)
-        return vol, preprocess(vol, self.info.preprocess)
+        return vol, preprocess(vol, self.preprocess)
 
     def windows(self, shape: Sequence[int]) -> tuple[tuple[int, int, int], list[tuple[slice, slice, slice]]]:
         """(window size, window slices) for a padded volume of ``shape``."""
@@ -231,4 +237,5 @@ class Embedder:
             source=vol.source,
             windows=len(slices),
             model_shape=tuple(int(s) for s in pre.data.shape),  # type: ignore[arg-type]
+            modality=pre.modality,
         )

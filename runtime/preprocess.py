@@ -17,7 +17,7 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from .errors import GvslInputError
 #: File endings nibabel reads as single volumes we accept (.hdr/.img = Analyze/NIfTI pair).
 VOLUME_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz", ".mgz", ".mgh", ".img", ".hdr")
 
-MODALITIES: tuple[str, ...] = ("ct", "mr", "none")
+MODALITIES: tuple[str, ...] = ("auto", "ct", "mr", "none")
 
 Pads = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
@@ -43,8 +43,9 @@ class PreprocessConfig:
     (``to_dict``) so inference repeats exactly what training did.
 
     ``spacing`` target voxel size in mm (None keeps the native grid);
-    ``modality`` "ct" (HU window), "mr" (nonzero-voxel percentiles) or "none"
-    (values untouched); ``canonical`` reorients to RAS+ first so that array
+    ``modality`` "ct" (HU window), "mr" (nonzero-voxel percentiles), "auto" (CT or
+    MR decided per volume from its values, :func:`gvsl.runtime.modality.decide_modality`)
+    or "none" (values untouched); ``canonical`` reorients to RAS+ first so that array
     axes mean the same anatomy in every volume.
     """
 
@@ -94,6 +95,16 @@ class PreprocessConfig:
         return cls(**d)
 
 
+def with_modality(cfg: PreprocessConfig, modality: str | None) -> PreprocessConfig:
+    """``cfg`` with its modality replaced (``None`` keeps the model's own): how ``--modality``
+    overrides what a model was trained with, validated like any config."""
+    if modality is None or modality == cfg.modality:
+        return cfg
+    if modality not in MODALITIES:
+        raise GvslInputError(f"--modality {modality}: use one of {', '.join(MODALITIES)}")
+    return replace(cfg, modality=modality)
+
+
 def _float_tuple(value: Any, n: int, name: str) -> tuple[float, ...]:
     try:
         out = tuple(float(v) for v in value)
@@ -112,6 +123,9 @@ class Volume:
     data: np.ndarray
     affine: np.ndarray
     source: str = "<array>"
+    #: how :func:`preprocess` normalised it ("ct", "mr", "none"; None before preprocessing),
+    #: so outputs can report what ``--modality auto`` decided
+    modality: str | None = None
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -557,17 +571,30 @@ def _n_threads() -> int:
 
 
 # ----------------------------------------------------------------------------- intensity
-def normalize_intensity(data: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+def normalize_intensity(data: np.ndarray, cfg: PreprocessConfig, name: str = "<array>") -> np.ndarray:
     """Map intensities to [0, 1] float32 (``ct``: HU window; ``mr``: robust min/max
     of nonzero voxels, because MR has no absolute scale and its zero background
-    would otherwise dominate the statistics); ``none`` only casts to float32."""
-    return _normalize(np.asarray(data, dtype=np.float32), cfg, inplace=False)
+    would otherwise dominate the statistics; ``auto``: whichever of the two
+    :func:`resolve_modality` decides for these values); ``none`` only casts to float32."""
+    return _normalize(np.asarray(data, dtype=np.float32), cfg, inplace=False, name=name)
 
 
-def _normalize(data: np.ndarray, cfg: PreprocessConfig, inplace: bool) -> np.ndarray:
+def resolve_modality(data: np.ndarray, cfg: PreprocessConfig, name: str = "<array>") -> str:
+    """The normalisation ``cfg`` means for this volume: its modality, or for ``auto`` the
+    decision of :func:`gvsl.runtime.modality.decide_modality` (one-line error when it cannot)."""
+    if cfg.modality != "auto":
+        return cfg.modality
+    from .modality import decide_modality
+
+    return decide_modality(data, name)
+
+
+def _normalize(data: np.ndarray, cfg: PreprocessConfig, inplace: bool, name: str = "<array>") -> np.ndarray:
     """:func:`normalize_intensity` on float32 ``data``, overwriting it when ``inplace``
     (``preprocess`` owns its resampled array), in threaded cache-sized pieces.
     The same float32 operations in the same order as ever, so results are unchanged."""
+    if cfg.modality == "auto":
+        cfg = replace(cfg, modality=resolve_modality(data, cfg, name))
     if cfg.modality == "ct":
         lo, hi = cfg.ct_window
         f_lo, f_scale = np.float32(lo), np.float32(1.0 / (hi - lo))
@@ -682,7 +709,9 @@ def preprocess(vol: Volume, cfg: PreprocessConfig) -> Volume:
     owned = not np.may_share_memory(data, vol.data)
     data = _to_c_float32(data)
     owned = owned or not np.may_share_memory(data, vol.data)
-    return Volume(data=_normalize(data, cfg, inplace=owned), affine=affine, source=vol.source)
+    modality = resolve_modality(data, cfg, vol.source)
+    out = _normalize(data, replace(cfg, modality=modality), inplace=owned)
+    return Volume(data=out, affine=affine, source=vol.source, modality=modality)
 
 
 def load_preprocessed(
@@ -803,7 +832,9 @@ def _stream_preprocess(
         data = _resample_axis(data, 0, int(new_shape[0]), float(scale[0]), 1)
     out = _to_c_float32(data.T)
     vol = Volume(data=raw, affine=aff, source=name)
-    return vol, Volume(data=_normalize(out, cfg, inplace=True), affine=new_affine @ rev, source=name)
+    modality = resolve_modality(out, cfg, name)
+    normalised = _normalize(out, replace(cfg, modality=modality), inplace=True)
+    return vol, Volume(data=normalised, affine=new_affine @ rev, source=name, modality=modality)
 
 
 # ----------------------------------------------------------------------------- output

@@ -58,7 +58,7 @@ from .errors import GvslInputError
 from .geometry import dvf_voxel_to_mm
 from .io import DEFAULT_MAX_VOXELS, VolumeLike, load_labels, read_volume, save_displacement_field
 from .metrics import folding_stats, jacobian_determinant, label_dice, ncc
-from .preprocess import Volume, normalize_intensity, pad_to_multiple, preprocess, save_nifti
+from .preprocess import Volume, normalize_intensity, pad_to_multiple, preprocess, save_nifti, with_modality
 from .refine import RefineOptions, refine_world_field
 from .warp import resample_to_grid, warp_by_displacement
 
@@ -199,6 +199,8 @@ class Registration:
     dice: dict[str, dict[str, float]] = field(default_factory=dict)
     stages: dict[str, float] = field(default_factory=dict)
     refinement: list[dict[str, Any]] = field(default_factory=list)
+    #: how the fixed and the moving image were normalised (what ``--modality auto`` decided)
+    modalities: tuple[str | None, str | None] = (None, None)
 
     def save_warped(self, path: str | os.PathLike[str]) -> Path:
         return save_nifti(path, self.warped, self.affine)
@@ -284,6 +286,7 @@ class Registrar:
         refine_model: str | os.PathLike[str] | Backend | None = None,
         fill: float | str = "min",
         max_voxels: int | None = DEFAULT_MAX_VOXELS,
+        modality: str | None = None,
         **backend_options: Any,
     ) -> None:
         if init not in INITS:
@@ -314,6 +317,8 @@ class Registrar:
         self.init = init
         self.fill = fill
         self.max_voxels = max_voxels
+        #: the model's preprocessing with ``modality`` (auto, ct, mr, none) if given
+        self.preprocess = with_modality(self.info.preprocess, modality)
 
     @property
     def info(self) -> ModelInfo:
@@ -371,9 +376,9 @@ class Registrar:
                 f"--fixed-labels: {len(reference_maps)} given for {len(label_maps)} --labels; give one fixed label "
                 "map per moving label map, in the same order"
             )
-        cfg = self.info.preprocess
+        cfg = self.preprocess
         fpre = preprocess(fvol, cfg)
-        mpre = preprocess(mvol, cfg)
+        mpre = preprocess(mvol, cfg)  # auto: each image is normalised as what it is
         shift, init_used = initial_shift(init, fvol, mvol, fpre, mpre)
         lap("read and preprocess")
 
@@ -421,12 +426,13 @@ class Registrar:
         vox[:3] = network_affine_to_voxel(matrix, fpad.shape)
         world_matrix = _translation(shift) @ pad_affine @ vox @ np.linalg.inv(pad_affine)
 
-        fixed_n = normalize_intensity(fvol.data, cfg)
+        fixed_cfg, moving_cfg = with_modality(cfg, fpre.modality), with_modality(cfg, mpre.modality)
+        fixed_n = normalize_intensity(fvol.data, fixed_cfg)
         det = jacobian_determinant(dvf_mm, fvol.affine)
         jmin, folding = folding_stats(det)
         metrics = {
-            "ncc_before": ncc(fixed_n, normalize_intensity(before, cfg)),
-            "ncc_after": ncc(fixed_n, normalize_intensity(warped, cfg)),
+            "ncc_before": ncc(fixed_n, normalize_intensity(before, moving_cfg)),
+            "ncc_after": ncc(fixed_n, normalize_intensity(warped, moving_cfg)),
             "jacobian_min": jmin,
             "folding_percent": folding,
             "max_displacement_mm": float(np.sqrt((dvf_mm.astype(np.float64) ** 2).sum(axis=0)).max()),
@@ -452,4 +458,5 @@ class Registrar:
             dice=dice_scores,
             stages=stages,
             refinement=refinement,
+            modalities=(fpre.modality, mpre.modality),
         )

@@ -112,6 +112,8 @@ class ServeOptions:
     refine: int = 30
     refine_levels: tuple[float, ...] = (4.0, 2.0)
     regularisation: float = 0.3
+    #: normalisation of every request (auto: CT or MR decided per volume; None: the model's own)
+    modality: str | None = "auto"
     exit_timeout: int = 10
     log_verbose: int = 0
     log_file: Path | None = None
@@ -139,6 +141,10 @@ class ServeOptions:
             raise ServeError(f"--queue-delay-us {self.queue_delay_us}: must be >= 0")
         if self.init not in INITS:
             raise ServeError(f"--init {self.init}: use one of {', '.join(INITS)}")
+        from .preprocess import MODALITIES
+
+        if self.modality is not None and self.modality not in MODALITIES:
+            raise ServeError(f"--modality {self.modality}: use one of {', '.join(MODALITIES)} or model")
         if not self.models:
             raise ServeError("no model to serve")
 
@@ -323,7 +329,7 @@ class EmbedHandler(_Handler):
         for k in range(images.shape[0]):
             vol = _volume(images[k], affines[k], f"{EMBED_MODEL} input 'image'", self.max_voxels)
             try:
-                pre = preprocess(vol, self.embedder.info.preprocess)
+                pre = preprocess(vol, self.embedder.preprocess)
                 res = self.embedder.embed_prepared(vol, pre, dense=dense, grid="input")
             except GvslInputError as e:
                 raise RequestError(f"{EMBED_MODEL}: {e}") from None
@@ -474,6 +480,7 @@ def build_handlers(opts: ServeOptions) -> dict[str, tuple[Callable, list, list]]
             overlap=opts.overlap,
             window_batch=opts.window_batch,
             max_voxels=opts.max_voxels,
+            modality=opts.modality,
             **backend_options,
         )
         info = embedder.info
@@ -490,6 +497,7 @@ def build_handlers(opts: ServeOptions) -> dict[str, tuple[Callable, list, list]]
             init=opts.init,
             refine=options,
             max_voxels=opts.max_voxels,
+            modality=opts.modality,
             **backend_options,
         )
         ins, outs = _register_tensors()
