@@ -145,7 +145,11 @@ def build_refine_model(settings: RefineSettings | None = None) -> Any:
         helper.make_tensor_value_info("regularisation", TensorProto.FLOAT, [1]),
     ]
     loop = helper.make_node(
-        "Loop", ["iterations", "", "dvf", "reference_init"], ["refined", "reference"], name="refine/loop", body=body_graph
+        "Loop",
+        ["iterations", "", "dvf", "reference_init"],
+        ["refined", "reference"],
+        name="refine/loop",
+        body=body_graph,
     )
     reference_init = helper.make_tensor("reference_init", TensorProto.FLOAT, [1], [1.0])
     # the CC graph reads the refined field under the name "dvf" of its own trace: rename its input
