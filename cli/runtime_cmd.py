@@ -26,7 +26,11 @@ SERVER_HELP = (
     "Use a running `gvsl serve` instead of --model: http://HOST:8000 or grpc://HOST:8001 "
     "(the server's backend and settings apply)."
 )
-DEVICE_HELP = "auto, cpu, cuda or cuda:N (ONNX Runtime tries TensorRT EP, then CUDA EP, then CPU)."
+DEVICE_HELP = (
+    "auto, cpu, cuda or cuda:N (ONNX Runtime tries TensorRT EP, then CUDA EP; cuda fails if it gets neither)."
+)
+THREADS_HELP = "CPU threads for inference and preprocessing, 1 or more (default: every core, up to 16)."
+FALLBACK_HELP = "With --device cuda: warn and run on the CPU when ONNX Runtime cannot use the GPU (default: fail)."
 
 
 def _shard(text: str | None) -> tuple[int, int]:
@@ -101,7 +105,8 @@ def embed(
     overlap: Annotated[float, typer.Option(help="Sliding-window overlap for volumes larger than the patch.")] = 0.5,
     window_batch: Annotated[int, typer.Option(help="Windows per inference call (more = faster, more memory).")] = 1,
     max_voxels: Annotated[int, typer.Option(help="Refuse inputs with more voxels than this.")] = 512 * 512 * 2048,
-    threads: Annotated[int, typer.Option(help="CPU threads per inference (0 = library default).")] = 0,
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP)] = None,
+    allow_cpu_fallback: Annotated[bool, typer.Option(help=FALLBACK_HELP)] = False,
     int8: Annotated[
         bool,
         typer.Option(
@@ -127,7 +132,9 @@ def embed(
     batch; they are listed at the end and the exit code is 1. `--merge` joins the
     outputs of several runs or shards into one table.
     """
+    import gvsl.torch_backend  # noqa: F401 - registers the torch backend for trained models (imports no torch)
     from gvsl.runtime.backends import BACKENDS
+    from gvsl.runtime.cpu_pool import check_threads
     from gvsl.runtime.embed import Embedder
     from gvsl.runtime.io import list_inputs, save_npy, save_npz
     from gvsl.runtime.preprocess import save_nifti
@@ -138,6 +145,7 @@ def embed(
         raise typer.BadParameter(f"--format must be npy or npz, got {format!r}")
     if grid not in ("input", "model"):
         raise typer.BadParameter(f"--grid must be input or model, got {grid!r}")
+    check_threads(threads)
     if merge:
         _merge_embeddings(paths, out, overwrite, quiet)
         return
@@ -192,7 +200,8 @@ def embed(
                 extra["int8_calibration"] = list(int8_calibration or [sample_volume()])
             embedder = Embedder(
                 model, "onnxruntime" if int8 else backend, "cpu" if int8 and device == "auto" else device,
-                overlap=overlap, window_batch=window_batch, max_voxels=max_voxels, threads=threads, **extra,
+                overlap=overlap, window_batch=window_batch, max_voxels=max_voxels, threads=threads,
+                allow_cpu_fallback=allow_cpu_fallback, **extra,
             )  # fmt: skip
         if dense and not embedder.has_dense:
             raise typer.BadParameter(
@@ -394,7 +403,8 @@ def register(
     backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "auto",
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     max_voxels: Annotated[int, typer.Option(help="Refuse inputs with more voxels than this.")] = 512 * 512 * 2048,
-    threads: Annotated[int, typer.Option(help="CPU threads per inference (0 = library default).")] = 0,
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP)] = None,
+    allow_cpu_fallback: Annotated[bool, typer.Option(help=FALLBACK_HELP)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
 ) -> None:
     """Register MOVING onto FIXED with a gvsl registration model.
@@ -403,8 +413,11 @@ def register(
     field, warped label maps, an overview PNG and the quality figures (NCC
     before/after, Jacobian determinant, folding).
     """
+    import gvsl.torch_backend  # noqa: F401 - registers the torch backend for trained models (imports no torch)
+    from gvsl.runtime import cpu_pool
     from gvsl.runtime.register import Registrar
 
+    cpu_pool.set_threads(threads)
     if model is None and server is None:  # neither given: the small model shipped with gvsl
         from gvsl.runtime.default_model import default_model_dir
 
@@ -432,7 +445,10 @@ def register(
             res = client.register(fixed, moving, labels=label_paths or None, init=init)
         backend_name = client.name
     else:
-        with Registrar(model, backend, device, init=init, max_voxels=max_voxels, threads=threads) as reg:
+        with Registrar(
+            model, backend, device, init=init, max_voxels=max_voxels, threads=threads or 0,
+            allow_cpu_fallback=allow_cpu_fallback,
+        ) as reg:  # fmt: skip
             res = reg.register(fixed, moving, labels=label_paths or None)
         backend_name = reg.backend.name
     seconds = time.perf_counter() - t0

@@ -33,6 +33,7 @@ client can share its names without PyTriton installed.
 from __future__ import annotations
 
 import abc
+import json
 import logging
 import os
 import re
@@ -113,6 +114,8 @@ class ServeOptions:
     log_verbose: int = 0
     log_file: Path | None = None
     models: tuple[str, ...] = (EMBED_MODEL, REGISTER_MODEL)
+    allow_cpu_fallback: bool = False
+    ready_file: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -138,6 +141,8 @@ class ServeOptions:
             raise ServeError(f"--init {self.init}: use one of {', '.join(INITS)}")
         if not self.models:
             raise ServeError("no model to serve")
+        if self.threads < 0:
+            raise ServeError(f"--threads {self.threads}: give 1 or more CPU threads (leave it out to use every core)")
 
 
 # ----------------------------------------------------------------------------- interpreter
@@ -445,11 +450,17 @@ def _last_error_line(text: str) -> str:
 def build_handlers(opts: ServeOptions) -> dict[str, tuple[Callable, list, list]]:
     """``{model name: (handler, inputs, outputs)}`` with the runtime objects loaded once
     and shared by every instance (Embedder and Registrar are thread-safe)."""
+    from . import cpu_pool
     from .embed import Embedder
     from .register import Registrar
 
+    cpu_pool.set_threads(opts.threads)  # the one pool every request's preprocessing shares
     out: dict[str, tuple[Callable, list, list]] = {}
-    backend_options: dict[str, Any] = {"threads": opts.threads, **opts.extra}
+    backend_options: dict[str, Any] = {
+        "threads": opts.threads,
+        "allow_cpu_fallback": opts.allow_cpu_fallback,
+        **opts.extra,
+    }
     if EMBED_MODEL in opts.models:
         embedder = Embedder(
             opts.model,
@@ -478,6 +489,12 @@ def serve(opts: ServeOptions, on_ready: Callable[[dict[str, str]], None] | None 
 
     Returns 0 after a requested stop, 1 when the server died on its own.
     ``on_ready`` receives the endpoints once every model is loaded.
+
+    Readiness: Triton's server-level ``/v2/health/ready`` turns true before
+    PyTriton has loaded the models (PyTriton waits for it, then loads them), so
+    it is no readiness probe. The model-level ``/v2/models/NAME/ready`` are,
+    and so is ``opts.ready_file``: written once every served model answers
+    ready, removed as soon as the server starts stopping.
     """
     opts.check()
     for name, port in (("--http-port", opts.http_port), ("--grpc-port", opts.grpc_port),
@@ -536,6 +553,10 @@ def serve(opts: ServeOptions, on_ready: Callable[[dict[str, str]], None] | None 
                 logs += Path(opts.log_file).read_text(errors="replace")
             why = _last_error_line(logs) if logs else " ".join(str(e).split())[:300]
             raise ServeError(f"Triton could not start the gvsl models: {why}") from None
+        local = "127.0.0.1" if opts.host in ("0.0.0.0", "") else ("[::1]" if opts.host == "::" else opts.host)
+        wait_ready(f"{local}:{opts.http_port}", opts.models, timeout=120, alive=triton.is_alive)
+        if opts.ready_file is not None:
+            _write_ready_file(Path(opts.ready_file), opts.models)
         endpoints = {
             "http": f"http://{opts.host}:{opts.http_port}",
             "grpc": f"grpc://{opts.host}:{opts.grpc_port}",
@@ -553,6 +574,8 @@ def serve(opts: ServeOptions, on_ready: Callable[[dict[str, str]], None] | None 
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if opts.ready_file is not None:  # not ready from the first moment of stopping
+            Path(opts.ready_file).unlink(missing_ok=True)
         try:
             triton.stop()
         finally:
@@ -563,6 +586,15 @@ def serve(opts: ServeOptions, on_ready: Callable[[dict[str, str]], None] | None 
                 for o in objs:
                     o.close()
     return 1 if died else 0
+
+
+def _write_ready_file(path: Path, models: Sequence[str]) -> None:
+    """The readiness file (an exec probe's ``test -f``): written atomically, so a probe
+    never sees half of it; it lists the models that answered ready and the pid."""
+    from .io import atomic_write
+
+    text = json.dumps({"ready": list(models), "pid": os.getpid()}) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _check_port(host: str, port: int, option: str) -> None:
