@@ -417,7 +417,7 @@ def register(
     from gvsl.runtime import cpu_pool
     from gvsl.runtime.register import Registrar
 
-    cpu_pool.set_threads(threads)
+    cpu_pool.set_threads(cpu_pool.check_threads(threads))
     if model is None and server is None:  # neither given: the small model shipped with gvsl
         from gvsl.runtime.default_model import default_model_dir
 

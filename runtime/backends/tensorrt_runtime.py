@@ -357,7 +357,7 @@ class TensorRTBackend(Backend):
             np.copyto(host_view(pinned, x.shape, x.dtype), x)
             ptr = self._grow(slot.device, n, x.nbytes, cuda.malloc, cuda.free)
             ctx.set_tensor_address(n, ptr)
-            cuda.copy(ptr, pinned, x.nbytes, CudaRuntime.H2D, stream)
+            cuda.copy(ptr, pinned, x.nbytes, cuda.H2D, stream)
         shapes = {}
         for n in self._outputs:  # every output needs an address, wanted or not
             shape = tuple(int(s) for s in ctx.get_tensor_shape(n))
@@ -371,7 +371,7 @@ class TensorRTBackend(Backend):
         for n in want:
             shape, nbytes = shapes[n]
             pinned = self._grow(slot.host, n, nbytes, cuda.malloc_host, cuda.free_host)
-            cuda.copy(pinned, slot.device[n][0], nbytes, CudaRuntime.D2H, stream)
+            cuda.copy(pinned, slot.device[n][0], nbytes, cuda.D2H, stream)
         cuda.sync(stream)
         return {n: host_view(slot.host[n][0], shapes[n][0], self._dtype[n]).astype(np.float32) for n in want}
 
