@@ -16,13 +16,12 @@ from typing import Any
 
 
 def _as_like(affine: Any, like: Any) -> Any:
-    """Return ``affine`` as the same array type, dtype and device as ``like``."""
-    if type(like).__module__.startswith("torch"):
-        import torch  # only reached when the caller already uses torch
-
-        return torch.as_tensor(affine, dtype=like.dtype, device=like.device)
+    """Return ``affine`` as the same array type, dtype and device as ``like`` (a torch tensor's
+    own ``new_tensor`` makes the copy, so this module never imports torch)."""
     import numpy as np
 
+    if type(like).__module__.startswith("torch"):
+        return like.new_tensor(np.asarray(affine, dtype=np.float64), dtype=like.dtype)
     return np.asarray(affine, dtype=like.dtype)
 
 

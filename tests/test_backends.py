@@ -146,6 +146,29 @@ def test_runtime_imports_nothing_from_core_or_torch():
     assert res.stdout.strip() == "[]"
 
 
+def test_runtime_source_never_imports_torch_or_core_even_lazily():
+    """Every import statement in runtime/ (inside functions too) stays in the runtime, the
+    standard library or its third-party dependencies: never torch, never gvsl core."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "runtime"
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module" and node.args:
+                names = [getattr(node.args[0], "value", "")]
+            for name in names:
+                top = str(name).split(".")
+                if top[0] == "torch" or (top[0] == "gvsl" and top[1:2] != ["runtime"]):
+                    bad.append(f"{path.relative_to(root.parent)}:{node.lineno}: {name}")
+    assert not bad, bad
+
+
 # ----------------------------------------------------------------------------- CPU pool
 def test_one_bounded_cpu_pool_for_concurrent_callers():
     """16 callers at once, each running threaded passes: every piece is done exactly once and
