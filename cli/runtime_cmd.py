@@ -26,9 +26,7 @@ SERVER_HELP = (
     "Use a running `gvsl serve` instead of --model: http://HOST:8000 or grpc://HOST:8001 "
     "(the server's backend and settings apply)."
 )
-DEVICE_HELP = (
-    "auto, cpu, cuda or cuda:N (ONNX Runtime tries TensorRT EP, then CUDA EP; cuda fails if it gets neither)."
-)
+DEVICE_HELP = "auto, cpu, cuda or cuda:N (ONNX Runtime tries TensorRT EP, then CUDA EP; cuda fails if neither loads)."
 THREADS_HELP = "CPU threads for inference and preprocessing, 1 or more (default: every core, up to 16)."
 FALLBACK_HELP = "With --device cuda: warn and run on the CPU when ONNX Runtime cannot use the GPU (default: fail)."
 
