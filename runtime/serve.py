@@ -76,6 +76,9 @@ METRICS = ("ncc_before", "ncc_after", "jacobian_min", "folding_percent", "max_di
 INITS = ("world", "center")
 
 LOG = logging.getLogger("gvsl.serve")
+#: starts of Triton before a startup failure is final (only PyTriton's handshake timeout is retried)
+STARTUP_ATTEMPTS = 3
+_HANDSHAKE_TIMEOUT = "Timeout occurred while waiting for config file"
 
 
 class ServeError(GvslInputError):
@@ -527,32 +530,43 @@ def serve(opts: ServeOptions, on_ready: Callable[[dict[str, str]], None] | None 
             raise _Stop(signal.Signals(signum).name)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    triton = Triton(config=config)
+    triton: Any = None
     died = False
     try:
-        for name, (handler, ins, outs) in handlers.items():
-            triton.bind(
-                model_name=name,
-                infer_func=[handler] * opts.instances,  # one Triton instance per entry, same shared runtime
-                inputs=ins,
-                outputs=outs,
-                config=ModelConfig(
-                    max_batch_size=opts.max_batch,
-                    batcher=DynamicBatcher(max_queue_delay_microseconds=opts.queue_delay_us),
-                ),
-                strict=False,
-            )
-        try:
-            triton.run()
-        except _Stop:
-            raise
-        except Exception as e:  # noqa: BLE001 - startup failure: one line with the server's reason
-            server = getattr(triton, "_triton_server", None)
-            logs = server.logs() if server is not None else ""
-            if opts.log_file is not None and Path(opts.log_file).is_file():
-                logs += Path(opts.log_file).read_text(errors="replace")
-            why = _last_error_line(logs) if logs else " ".join(str(e).split())[:300]
-            raise ServeError(f"Triton could not start the gvsl models: {why}") from None
+        for attempt in range(1, STARTUP_ATTEMPTS + 1):
+            triton = Triton(config=config)
+            for name, (handler, ins, outs) in handlers.items():
+                triton.bind(
+                    model_name=name,
+                    infer_func=[handler] * opts.instances,  # one Triton instance per entry, same shared runtime
+                    inputs=ins,
+                    outputs=outs,
+                    config=ModelConfig(
+                        max_batch_size=opts.max_batch,
+                        batcher=DynamicBatcher(max_queue_delay_microseconds=opts.queue_delay_us),
+                    ),
+                    strict=False,
+                )
+            try:
+                triton.run()
+                break
+            except _Stop:
+                raise
+            except Exception as e:  # noqa: BLE001 - startup failure: one line with the server's reason
+                server = getattr(triton, "_triton_server", None)
+                logs = server.logs() if server is not None else ""
+                if opts.log_file is not None and Path(opts.log_file).is_file():
+                    logs += Path(opts.log_file).read_text(errors="replace")
+                why = _last_error_line(logs) if logs else " ".join(str(e).split())[:300]
+                if attempt < STARTUP_ATTEMPTS and _HANDSHAKE_TIMEOUT in logs + str(e):
+                    # PyTriton gives a model's stub 1 s to fetch its config from this process; on a
+                    # machine this loaded that can run out, and a second start is all it takes
+                    LOG.warning(
+                        "Triton start %d: a model's handshake timed out (busy machine); starting again", attempt
+                    )
+                    triton.stop()
+                    continue
+                raise ServeError(f"Triton could not start the gvsl models: {why}") from None
         local = "127.0.0.1" if opts.host in ("0.0.0.0", "") else ("[::1]" if opts.host == "::" else opts.host)
         wait_ready(f"{local}:{opts.http_port}", opts.models, timeout=120, alive=triton.is_alive)
         if opts.ready_file is not None:
@@ -577,7 +591,8 @@ def serve(opts: ServeOptions, on_ready: Callable[[dict[str, str]], None] | None 
         if opts.ready_file is not None:  # not ready from the first moment of stopping
             Path(opts.ready_file).unlink(missing_ok=True)
         try:
-            triton.stop()
+            if triton is not None:
+                triton.stop()
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)

@@ -41,14 +41,15 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
 # ----------------------------------------------------------------------------- ONNX Runtime fallback
 def _ort_that_falls_back(monkeypatch) -> list:
     """Install an ``onnxruntime`` that offers CUDA but, like a build whose CUDA libraries are
-    missing, gives every session the CPU provider only. Returns the providers requested."""
+    missing, gives every session the CPU provider only. Returns (providers requested,
+    log severity) of every session."""
     import onnxruntime as real
 
     requested: list = []
 
     class Session(real.InferenceSession):
         def __init__(self, path, options=None, providers=None):
-            requested.append(list(providers or []))
+            requested.append((list(providers or []), options.log_severity_level))
             super().__init__(path, options, providers=["CPUExecutionProvider"])
 
     fake = types.SimpleNamespace(
@@ -71,10 +72,11 @@ def test_cuda_request_that_gets_the_cpu_is_an_error(tiny, monkeypatch):
     assert "\n" not in msg
     assert "CUDAExecutionProvider" in msg and "fell back to CPUExecutionProvider" in msg
     assert "--allow-cpu-fallback" in msg and "--device cpu" in msg
-    assert [p if isinstance(p, str) else p[0] for p in requested[-1]] == [
-        "CUDAExecutionProvider",
-        "CPUExecutionProvider",
-    ]
+    providers, severity = requested[-1]
+    assert [p if isinstance(p, str) else p[0] for p in providers] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert severity == 2  # ONNX Runtime's own warning about the provider it dropped is not hidden
+    load_backend(tiny[1], "encoder", "onnxruntime", "cpu")
+    assert requested[-1] == (["CPUExecutionProvider"], 3)  # on the CPU only errors, as before
 
 
 def test_allow_cpu_fallback_warns_and_gives_the_cpu_numbers(tiny, monkeypatch, caplog):

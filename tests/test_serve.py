@@ -703,7 +703,8 @@ def test_torchrun_two_nodes_c10d_rendezvous(tmp_path, mni_small_arrays):
     on 127.0.0.1, gloo; both join one job and the checkpoint holds both ranks' streams."""
     import torch
 
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    beside = Path(sys.executable).with_name("torchrun")  # this interpreter's, not another install's on PATH
+    torchrun = str(beside) if beside.is_file() else shutil.which("torchrun")
     data = tmp_path / "data"
     data.mkdir()
     t1 = mni_small_arrays["t1"].astype(np.float32)

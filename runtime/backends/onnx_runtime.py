@@ -60,9 +60,6 @@ class OnnxRuntimeBackend(Backend):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = int(threads)
-        # errors only on the CPU; for a GPU device warnings too, so ONNX Runtime's own reason for
-        # dropping a provider (a missing libcudnn ...) reaches the log
-        opts.log_severity_level = 3 if device == "cpu" else 2
         try:
             if providers is None:
                 # the metadata is needed for TensorRT EP profiles, so read it before the session
@@ -70,6 +67,10 @@ class OnnxRuntimeBackend(Backend):
                 providers = self._providers(
                     ort, info, device, cache_dir, max_shape, max_batch, trt_ep, allow_cpu_fallback
                 )
+            # errors only on the CPU; with a GPU provider asked for, warnings too, so ONNX Runtime's
+            # own reason for dropping it (a missing libcudnn ...) reaches the log
+            gpu_asked = any(_provider_name(p) in GPU_PROVIDERS for p in providers)
+            opts.log_severity_level = 2 if gpu_asked else 3
             self.session = ort.InferenceSession(str(path), opts, providers=list(providers))
         except GvslInputError:
             raise
