@@ -66,7 +66,7 @@ def make_profiles(
     forms profile i); none given: batch 1..``max_batch``, 16^3..patch, optimised for one patch."""
     if not (mins or opts or maxs):
         p = tuple(int(s) for s in patch)
-        return [Profile((1, 16, 16, 16), (1, *p), (max_batch, *p))]  # type: ignore[arg-type]
+        return [Profile((1, *(SIZE_MULTIPLE,) * 3), (1, *p), (max_batch, *p))]  # type: ignore[arg-type]
     if not (len(mins) == len(opts) == len(maxs)):
         raise ExportError(
             f"give --min-shape, --opt-shape and --max-shape the same number of times "
