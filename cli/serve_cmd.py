@@ -1,7 +1,7 @@
 """``gvsl serve``: the torch-free runtime behind a real Triton Inference Server (PyTriton).
 
 The server has to run in an interpreter whose libpython is the one Triton's
-Python-backend stub loads (see :func:`gvsl.runtime.serve.interpreter_problem`),
+Python-backend stub loads (see :func:`gvsl.runtime.serve_interpreter.interpreter_problem`),
 which is usually not the training environment: ``--python`` /
 ``GVSL_SERVE_PYTHON`` name that interpreter (a venv with ``gvsl[cpu,serve]``)
 and the command re-executes itself there, so the pid stays the same and
