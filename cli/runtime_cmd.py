@@ -26,7 +26,9 @@ SERVER_HELP = (
     "Use a running `gvsl serve` instead of --model: http://HOST:8000 or grpc://HOST:8001 "
     "(the server's backend and settings apply)."
 )
-DEVICE_HELP = "auto, cpu, cuda or cuda:N (ONNX Runtime tries TensorRT EP, then CUDA EP, then CPU)."
+DEVICE_HELP = "auto, cpu, cuda or cuda:N (ONNX Runtime tries TensorRT EP, then CUDA EP; cuda fails if neither loads)."
+THREADS_HELP = "CPU threads for inference and preprocessing, 1 or more (default: every core, up to 16)."
+FALLBACK_HELP = "With --device cuda: warn and run on the CPU when ONNX Runtime cannot use the GPU (default: fail)."
 
 
 def _shard(text: str | None) -> tuple[int, int]:
@@ -101,7 +103,8 @@ def embed(
     overlap: Annotated[float, typer.Option(help="Sliding-window overlap for volumes larger than the patch.")] = 0.5,
     window_batch: Annotated[int, typer.Option(help="Windows per inference call (more = faster, more memory).")] = 1,
     max_voxels: Annotated[int, typer.Option(help="Refuse inputs with more voxels than this.")] = 512 * 512 * 2048,
-    threads: Annotated[int, typer.Option(help="CPU threads per inference (0 = library default).")] = 0,
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP)] = None,
+    allow_cpu_fallback: Annotated[bool, typer.Option(help=FALLBACK_HELP)] = False,
     int8: Annotated[
         bool,
         typer.Option(
@@ -128,7 +131,9 @@ def embed(
     batch; they are listed at the end and the exit code is 1. `--merge` joins the
     outputs of several runs or shards into one table.
     """
+    import gvsl.torch_backend  # noqa: F401 - registers the torch backend for trained models (imports no torch)
     from gvsl.runtime.backends import BACKENDS
+    from gvsl.runtime.cpu_pool import check_threads
     from gvsl.runtime.embed import Embedder
     from gvsl.runtime.io import list_inputs, save_npy, save_npz
     from gvsl.runtime.preprocess import save_nifti
@@ -139,6 +144,7 @@ def embed(
         raise typer.BadParameter(f"--format must be npy or npz, got {format!r}")
     if grid not in ("input", "model"):
         raise typer.BadParameter(f"--grid must be input or model, got {grid!r}")
+    check_threads(threads)
     if merge:
         _merge_embeddings(paths, out, overwrite, quiet)
         return
@@ -195,7 +201,7 @@ def embed(
             embedder = Embedder(
                 model, "onnxruntime" if int8 else backend, "cpu" if int8 and device == "auto" else device,
                 overlap=overlap, window_batch=window_batch, max_voxels=max_voxels, threads=threads,
-                modality=_modality(modality), **extra,
+                modality=_modality(modality), allow_cpu_fallback=allow_cpu_fallback, **extra,
             )  # fmt: skip
         if dense and not embedder.has_dense:
             raise typer.BadParameter(
@@ -443,7 +449,8 @@ def register(
     backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "auto",
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     max_voxels: Annotated[int, typer.Option(help="Refuse inputs with more voxels than this.")] = 512 * 512 * 2048,
-    threads: Annotated[int, typer.Option(help="CPU threads per inference (0 = library default).")] = 0,
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP)] = None,
+    allow_cpu_fallback: Annotated[bool, typer.Option(help=FALLBACK_HELP)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
 ) -> None:
     """Register MOVING onto FIXED with a gvsl registration model.
@@ -452,7 +459,11 @@ def register(
     field, warped label maps, an overview PNG and the quality figures (NCC
     before/after, Jacobian determinant, folding).
     """
+    import gvsl.torch_backend  # noqa: F401 - registers the torch backend for trained models (imports no torch)
+    from gvsl.runtime import cpu_pool
     from gvsl.runtime.register import RefineOptions, Registrar
+
+    cpu_pool.set_threads(cpu_pool.check_threads(threads))
 
     try:
         levels = tuple(float(v) for v in refine_levels.split(","))
@@ -499,7 +510,8 @@ def register(
             init=init,
             refine=options,
             max_voxels=max_voxels,
-            threads=threads,
+            threads=threads or 0,
+            allow_cpu_fallback=allow_cpu_fallback,
             modality=_modality(modality),
         ) as reg:
             res = reg.register(fixed, moving, labels=label_paths or None, fixed_labels=fixed_labels or None)

@@ -11,6 +11,8 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from gvsl.runtime import windows
+
 #: Official GVSL widths: encoder 32..512, decoder 256..32.
 DEFAULT_WIDTHS: tuple[int, ...] = (32, 64, 128, 256, 512, 256, 128, 64, 32)
 
@@ -29,8 +31,8 @@ HEAD_PRESETS: dict[str, tuple[int, int, int]] = {
     "tiny": (32, 8, 8),
 }
 
-#: Four 2x poolings: every spatial size the network sees is a multiple of this.
-SIZE_MULTIPLE = 16
+#: Four 2x poolings: every spatial size the network sees is a multiple of this (defined once, in the runtime).
+SIZE_MULTIPLE = windows.SIZE_MULTIPLE
 
 #: What registration does with the affine head (``ModelConfig.affine_head``):
 #: ``trained`` uses its output; ``identity`` replaces it by the identity, for

@@ -16,13 +16,14 @@ from typing import Any
 
 
 def _as_like(affine: Any, like: Any) -> Any:
-    """Return ``affine`` as the same array type, dtype and device as ``like``."""
-    if type(like).__module__.startswith("torch"):  # the tensor's own methods: no torch import here
-        if type(affine).__module__.startswith("torch"):
-            return affine.to(dtype=like.dtype, device=like.device)
-        return like.new_tensor(affine)
+    """Return ``affine`` as the same array type, dtype and device as ``like`` (a torch tensor's
+    own ``new_tensor`` makes the copy, so this module never imports torch)."""
     import numpy as np
 
+    if type(like).__module__.startswith("torch"):
+        if type(affine).__module__.startswith("torch"):
+            return affine.to(dtype=like.dtype, device=like.device)
+        return like.new_tensor(np.asarray(affine, dtype=np.float64), dtype=like.dtype)
     return np.asarray(affine, dtype=like.dtype)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import numpy as np
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
 from .atomic import atomic_write
+from .cpu_pool import run_pieces
 from .errors import GvslInputError
 
 #: File endings nibabel reads as single volumes we accept (.hdr/.img = Analyze/NIfTI pair).
@@ -544,30 +544,9 @@ _PARALLEL_MIN = 1 << 20
 
 
 def _run_chunks(fn: Any, pieces: list[tuple[int, int]], size: int) -> None:
-    """Run ``fn(start, stop)`` for every piece, on :func:`_n_threads` threads when
-    ``size`` voxels are worth it; each thread takes a contiguous run of pieces."""
-    threads = min(_n_threads(), len(pieces)) if size >= _PARALLEL_MIN else 1
-    if threads <= 1:
-        for a, b in pieces:
-            fn(a, b)
-        return
-
-    def run(group: list[tuple[int, int]]) -> None:
-        for a, b in group:
-            fn(a, b)
-
-    groups = [pieces[i::threads] for i in range(threads)]
-    with ThreadPoolExecutor(threads) as pool:
-        for f in [pool.submit(run, g) for g in groups if g]:
-            f.result()
-
-
-def _n_threads() -> int:
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        n = os.cpu_count() or 1
-    return max(1, min(n, 16))
+    """Run ``fn(start, stop)`` for every piece on the process's CPU pool when ``size``
+    voxels are worth threads (:func:`gvsl.runtime.cpu_pool.run_pieces`)."""
+    run_pieces(fn, pieces, parallel=size >= _PARALLEL_MIN)
 
 
 # ----------------------------------------------------------------------------- intensity

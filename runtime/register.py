@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from . import artifact as A
+from . import cpu_pool
 from .backends import Backend, ModelInfo, load_backend, resolve_model_file
 from .errors import GvslInputError
 from .geometry import dvf_voxel_to_mm
@@ -61,6 +62,7 @@ from .metrics import folding_stats, jacobian_determinant, label_dice, ncc
 from .preprocess import Volume, normalize_intensity, pad_to_multiple, preprocess, save_nifti, with_modality
 from .refine import RefineOptions, refine_world_field
 from .warp import resample_to_grid, warp_by_displacement
+from .windows import SIZE_MULTIPLE
 
 __all__ = [
     "INITS",
@@ -74,7 +76,6 @@ __all__ = [
 ]
 
 INITS = ("auto", "world", "center", "moments")
-SIZE_MULTIPLE = 16
 #: ``init="auto"`` trusts world coordinates when the fields of view overlap by this fraction of the smaller
 AUTO_WORLD_OVERLAP = 0.5
 
@@ -293,6 +294,8 @@ class Registrar:
             raise GvslInputError(f"--init {init}: use one of {', '.join(INITS)}")
         if not (fill == "min" or isinstance(fill, int | float)):
             raise GvslInputError(f"fill must be 'min' or a number, got {fill!r}")
+        if backend_options.get("threads"):
+            cpu_pool.set_threads(backend_options["threads"])
         if isinstance(model, Backend):
             self.backend = model
         else:

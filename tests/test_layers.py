@@ -23,19 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ROOMS = {"runtime": "gvsl.runtime", "gvsl": "gvsl", "export": "gvsl.export", "cli": "gvsl.cli"}
 LAYER_ORDER = ("runtime", "core", "export", "cli")
 
-#: Violations present today that the `runtime` engineer's branch removes (the torch backend moves
-#: from runtime/backends.py into the core, and window geometry leaves runtime/embed.py). The lead
-#: empties this list when that branch is merged; any violation NOT listed here fails the test, and
-#: a listed one that no longer occurs fails test_allow_list_has_no_stale_entries.
-KNOWN_VIOLATIONS: frozenset[str] = frozenset(
-    {
-        # TorchBackend (runtime/backends.py) imports torch and gvsl.io inside the class
-        "gvsl.runtime.backends imports torch (runtime -> torch)",
-        "gvsl.runtime.backends imports gvsl.io (runtime -> core)",
-        # backends.py imports window_starts from embed.py inside a function; embed.py imports backends
-        "import cycle in gvsl.runtime: gvsl.runtime.backends, gvsl.runtime.embed",
-    }
-)
+#: Violations tolerated on purpose (none: any violation fails the test, and a listed one that no
+#: longer occurs fails test_allow_list_has_no_stale_entries).
+KNOWN_VIOLATIONS: frozenset[str] = frozenset()
 
 
 def source_modules() -> dict[str, Path]:
