@@ -9,6 +9,7 @@ read with ``torch.load(weights_only=True)``, which refuses pickled code.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,8 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     if not path.exists():
         raise WeightsError(f"{path}: no such file or folder; give a gvsl model folder, .safetensors or .pth")
     if path.is_file() and path.suffix in {".pth", ".pt", ".ckpt"}:
-        return load_official(path, map_location=map_location), {"model": ModelConfig().to_dict(), "preprocess": {}}
+        model = load_official(path, map_location=map_location)
+        return model, {"model": model.config.to_dict(), "preprocess": {}}
     weights = path / WEIGHTS_NAME if path.is_dir() else path
     if not weights.is_file():
         raise WeightsError(f"{path}: no {WEIGHTS_NAME} inside; train with `gvsl train` or give a .pth")
@@ -145,7 +147,11 @@ def _load_checked(model: GVSL, state: dict[str, torch.Tensor], source: Path) -> 
 def load_official(
     path: str | Path, config: ModelConfig | None = None, map_location: str | torch.device = "cpu"
 ) -> GVSL:
-    """Load an authors' ``GVSL_epoch_*.pth`` (``weights_only=True``: no code runs)."""
+    """Load an authors' ``GVSL_epoch_*.pth`` (``weights_only=True``: no code runs).
+
+    The model reads its affine in the ``"official"`` convention whatever
+    ``config`` says: the authors trained the head with that quirk.
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such checkpoint file")
@@ -161,6 +167,6 @@ def load_official(
         state = extract_state_dict(obj)
     except WeightsError as e:
         raise WeightsError(f"{path}: {e}") from None
-    model = GVSL(config or ModelConfig())
+    model = GVSL(replace(config or ModelConfig(), affine_convention="official"))
     _load_checked(model, state, path)
     return model.to(map_location)

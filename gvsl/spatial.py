@@ -16,13 +16,18 @@ Conventions (see GVSL_SPEC.md §3):
 
 * tensors are ``[N, C, D, H, W]``; a voxel position is ``(d, h, w)``;
   displacement channel ``a`` moves along array axis ``a`` in voxels;
-* the affine head's matrix ``mat = [M | t]`` acts, like the official code, on
-  PyTorch's normalised coordinates ``(x=W, y=H, z=D)`` with
-  ``align_corners=False``, after the translation of row ``i`` is divided by
-  spatial size ``i`` taken in (D, H, W) order (a quirk kept for checkpoint
-  parity; moot for cubes). :func:`affine_to_voxel` turns it into an
-  equivalent matrix on voxel indices, so affine and deformable warps share
-  one sampler;
+* the affine head's matrix ``mat = [M | t]`` acts on positions in
+  ``(x=W, y=H, z=D)`` order, read in one of two conventions
+  (:data:`AFFINE_CONVENTIONS`, ``ModelConfig.affine_convention``):
+  ``"centered"`` (new models) about the grid centre ``(size - 1) / 2`` in
+  voxels, ``t`` in voxels, so the same matrix is the same transform on any
+  grid shape; ``"official"``, like the authors' code, on PyTorch's normalised
+  coordinates with ``align_corners=False``, after the translation of row
+  ``i`` is divided by spatial size ``i`` taken in (D, H, W) order (kept for
+  checkpoint parity; on a non-cubic grid a rotation shears and a shift's
+  size depends on the axis). On a cube the two agree once ``t`` is halved.
+  :func:`affine_to_voxel` turns either into an equivalent matrix on voxel
+  indices, so affine and deformable warps share one sampler;
 * displacement fields are applied in voxel units with ``align_corners=True``
   semantics (voxel ``i`` sits at normalised ``2 i / (n - 1) - 1``): a zero
   field is an exact identity. The official code normalises this way but calls
@@ -38,9 +43,16 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from gvsl.runtime.geometry import dvf_mm_to_voxel, dvf_voxel_to_mm, voxel_spacing
+from gvsl.runtime.geometry import (
+    AFFINE_CONVENTIONS,
+    check_affine_convention,
+    dvf_mm_to_voxel,
+    dvf_voxel_to_mm,
+    voxel_spacing,
+)
 
 __all__ = [
+    "AFFINE_CONVENTIONS",
     "affine_from_params",
     "affine_to_voxel",
     "affine_warp",
@@ -198,16 +210,25 @@ def affine_from_params(
     return torch.cat([m, trans.unsqueeze(-1)], dim=-1)
 
 
-def affine_to_voxel(mat: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Official ``[N, 3, 4]`` affine -> the same map on voxel indices ``(d, h, w)``.
+def affine_to_voxel(mat: torch.Tensor, shape: Sequence[int], convention: str = "official") -> torch.Tensor:
+    """Affine head ``[N, 3, 4]`` in ``convention`` -> the same map on voxel indices ``(d, h, w)``.
 
     Output voxel ``p`` reads input voxel ``A p + b`` (``[N, 3, 4] = [A | b]``).
-    Derivation: with ``align_corners=False`` a voxel index ``w`` sits at
-    normalised ``(2 w + 1) / W - 1``; the official translation of row ``i`` is
-    divided by ``shape[i]`` (D, H, W order) before ``affine_grid``.
+    ``"centered"``: ``q -> M (q - c) + c + t`` on voxel positions ``q`` in
+    (x, y, z) order about the centre ``c = (size - 1) / 2``. ``"official"``:
+    with ``align_corners=False`` a voxel index ``w`` sits at normalised
+    ``(2 w + 1) / W - 1``; the translation of row ``i`` is divided by
+    ``shape[i]`` (D, H, W order) before ``affine_grid``. The NumPy twin is
+    :func:`gvsl.runtime.geometry.network_affine_to_voxel`.
     """
+    check_affine_convention(convention)
     dt, dev = mat.dtype, mat.device
     lin, t = mat[:, :, :3], mat[:, :, 3]
+    if convention == "centered":
+        a_vox = lin.flip(1).flip(2)
+        centre = (_size_vector(shape, dt, dev) - 1.0) / 2.0  # (D, H, W)
+        b_vox = centre - a_vox @ centre + t.flip(1)
+        return torch.cat([a_vox, b_vox.unsqueeze(-1)], dim=-1)
     if _traced(shape):  # keep the sizes in the graph (dynamic spatial export)
         dhw = _size_vector(shape, dt, dev)
         t = t / dhw  # the size quirk
@@ -234,11 +255,16 @@ def voxel_affine_locations(vox_mat: torch.Tensor, shape: Sequence[int]) -> torch
 
 
 def affine_warp(
-    src: torch.Tensor, mat: torch.Tensor, mode: str = "bilinear", sampler: str = "grid_sample"
+    src: torch.Tensor,
+    mat: torch.Tensor,
+    mode: str = "bilinear",
+    sampler: str = "grid_sample",
+    convention: str = "official",
 ) -> torch.Tensor:
-    """Warp ``src`` with an official-convention affine ``[N, 3, 4]`` (the affine head)."""
+    """Warp ``src`` with the affine head's ``[N, 3, 4]``, read in ``convention``."""
     shape = src.shape[2:]
-    return sample(src, voxel_affine_locations(affine_to_voxel(mat, shape), shape), mode=mode, sampler=sampler)
+    vox = affine_to_voxel(mat, shape, convention)
+    return sample(src, voxel_affine_locations(vox, shape), mode=mode, sampler=sampler)
 
 
 def dvf_warp(
@@ -253,16 +279,16 @@ def dvf_warp(
     return sample(src, grid + dvf, mode=mode, align_corners=align_corners, sampler=sampler)
 
 
-def compose_affine_dvf(mat: torch.Tensor, dvf: torch.Tensor) -> torch.Tensor:
+def compose_affine_dvf(mat: torch.Tensor, dvf: torch.Tensor, convention: str = "official") -> torch.Tensor:
     """Fused displacement ``psi(p) = T(p + dvf(p)) - p`` in voxels.
 
-    ``T`` is the affine head's map; the local field acts first, in the fixed
+    ``T`` is the affine head's map (read in ``convention``); the local field acts first, in the fixed
     image's grid (GVSL supplement). ``dvf_warp(moving, fused)`` equals
     ``dvf_warp(affine_warp(moving, mat), dvf)`` up to interpolation, with a
     single resampling.
     """
     shape = dvf.shape[2:]
-    vox = affine_to_voxel(mat, shape)
+    vox = affine_to_voxel(mat, shape, convention)
     grid = identity_grid(shape, dvf.device, dvf.dtype)
     q = (grid + dvf).flatten(2)
     mapped = vox[:, :, :3] @ q + vox[:, :, 3:]

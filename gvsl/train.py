@@ -57,6 +57,8 @@ class TrainConfig:
     affine_width: int = 256
     deform_width: int = 16
     restore_width: int = 16
+    # how the affine head's matrix is read (gvsl.config.ModelConfig.affine_convention)
+    affine_convention: str = "centered"
     lr: float = 1e-4
     loss: dict[str, float] = field(default_factory=lambda: LossWeights().to_dict())
     checkpoint_every: int = 500
@@ -95,6 +97,7 @@ class TrainConfig:
             affine_width=self.affine_width,
             deform_width=self.deform_width,
             restore_width=self.restore_width,
+            affine_convention=self.affine_convention,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,7 +107,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        return cls(**d)
+        """A saved run config; one saved before ``affine_convention`` existed trained with the quirk."""
+        return cls(**{"affine_convention": "official", **d})
 
 
 @dataclass
@@ -314,7 +318,7 @@ def _train(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     criterion = GVSLLoss(LossWeights(**cfg.loss))
-    augmenter = Augmenter(AugmentConfig.from_dict(cfg.augment))
+    augmenter = Augmenter(AugmentConfig.from_dict(cfg.augment), affine_convention=cfg.affine_convention)
     train_step = make_train_step(
         net, optim, criterion, augmenter, amp_dtype, scaler, channels_last=cfg.channels_last, compile=cfg.compile
     )
