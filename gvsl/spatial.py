@@ -193,7 +193,7 @@ def _gather_sample(src: torch.Tensor, locs: torch.Tensor, mode: str, align_corne
                 stride = stride.to(index_dtype)
             per_step.append((clamped * stride if axis < 2 else clamped, ok))
         terms.append(per_step)
-    out = pending = None
+    out = None
     for sd in steps:
         for sh in steps:
             for sw in steps:
@@ -205,14 +205,8 @@ def _gather_sample(src: torch.Tensor, locs: torch.Tensor, mode: str, align_corne
                 lin = (ld + lh + lw + batch_offset).reshape(-1)  # [N * P] rows of `rows`
                 vals = rows.index_select(0, lin)  # [N * P, C]
                 term = vals * weight.reshape(-1, 1)
-                # each sum is formed after the next corner's gather is built: ONNX Runtime
-                # then finishes every sum before the gather after it, keeping two [N * P, C]
-                # terms alive instead of all eight
-                if pending is not None:
-                    out = pending if out is None else out + pending
-                pending = term
-    assert pending is not None
-    out = pending if out is None else out + pending
+                out = term if out is None else out + term
+    assert out is not None
     return out.reshape(n, -1, c).transpose(1, 2).reshape(n, c, *locs.shape[2:])
 
 
