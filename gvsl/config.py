@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from gvsl.runtime import windows
+from gvsl.runtime.geometry import AFFINE_CONVENTIONS, LEGACY_AFFINE_CONVENTION, check_affine_convention
 
 #: Official GVSL widths: encoder 32..512, decoder 256..32.
 DEFAULT_WIDTHS: tuple[int, ...] = (32, 64, 128, 256, 512, 256, 128, 64, 32)
@@ -55,6 +56,14 @@ class ModelConfig:
     groups (restoration: width/4). ``affine_head`` (one of :data:`AFFINE_HEADS`)
     says whether registration applies the affine head or the identity; training
     always runs the head.
+
+    ``affine_convention`` says how the affine head's ``[M | t]`` is read
+    (:func:`gvsl.spatial.affine_to_voxel`): ``"centered"`` (new models) about
+    the grid centre in voxels, the same transform on any grid shape;
+    ``"official"`` the authors' normalised-coordinate quirk, under which a
+    rotation shears on a non-cubic grid (official checkpoints need it). A
+    description without the key (exported before the choice existed) reads
+    as ``"official"``.
     """
 
     widths: tuple[int, ...] = DEFAULT_WIDTHS
@@ -63,10 +72,15 @@ class ModelConfig:
     affine_width: int = 256
     deform_width: int = 16
     restore_width: int = 16
+    affine_convention: str = "centered"
 
     def __post_init__(self) -> None:
         if self.affine_head not in AFFINE_HEADS:
             raise ConfigError(f"affine_head must be one of {', '.join(AFFINE_HEADS)}, got {self.affine_head!r}")
+        try:
+            check_affine_convention(self.affine_convention)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         widths = tuple(int(w) for w in self.widths)
         object.__setattr__(self, "widths", widths)
         if len(widths) != 9:
@@ -129,6 +143,7 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
         d = dict(d)
+        d.setdefault("affine_convention", LEGACY_AFFINE_CONVENTION)  # written before the field existed
         if "widths" in d:
             d["widths"] = tuple(d["widths"])
         return cls(**d)
@@ -155,6 +170,7 @@ class LossWeights:
 
 __all__ = [
     "AFFINE_HEADS",
+    "AFFINE_CONVENTIONS",
     "ConfigError",
     "DEFAULT_WIDTHS",
     "HEAD_PRESETS",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,8 @@ def load_official(
     received gradients (GVSL_SPEC §5), so registration uses the identity affine
     and the deformable head alone; ``trained`` applies the head as released.
     Only registration is affected: ``forward`` and ``match`` still run the head.
+    The model reads its affine in the ``"official"`` convention whatever
+    ``config`` says: the authors trained the head with that quirk.
     """
     path = Path(path)
     if not path.is_file():
@@ -187,7 +190,7 @@ def load_official(
     except WeightsError as e:
         raise WeightsError(f"{path}: {e}") from None
     try:
-        config = dataclasses.replace(config or ModelConfig(), affine_head=affine_head)
+        config = dataclasses.replace(config or ModelConfig(), affine_head=affine_head, affine_convention="official")
     except ConfigError as e:
         raise WeightsError(f"{path}: {e}") from None
     model = GVSL(config)

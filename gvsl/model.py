@@ -120,7 +120,7 @@ class GVSLOutput:
 
     restored: torch.Tensor  # R(f^l_A)            [N, 1, D, H, W]
     warped: torch.Tensor  # B warped onto A       [N, 1, D, H, W]
-    affine: torch.Tensor  # psi^g, official conv. [N, 3, 4]
+    affine: torch.Tensor  # psi^g [N, 3, 4], in config.affine_convention
     local_dvf: torch.Tensor  # psi^l, voxels       [N, 3, D, H, W]
 
 
@@ -163,7 +163,8 @@ class GVSL(nn.Module):
         return self.res_conv(f_local)
 
     def affine_head(self, fg_moving: torch.Tensor, fg_fixed: torch.Tensor) -> torch.Tensor:
-        """Affine psi^g ``[N, 3, 4]`` from global features (moving first, as the release)."""
+        """Affine psi^g ``[N, 3, 4]`` from global features (moving first, as the release),
+        read in ``config.affine_convention`` (:func:`gvsl.spatial.affine_to_voxel`)."""
         h = self.f_conv(torch.cat([fg_moving, fg_fixed], dim=1)).mean(dim=(2, 3, 4))
         rot = torch.clamp(self.fc_rot(h), -1, 1) * ROT_RANGE
         scl = torch.clamp(self.fc_scl(h), -1, 1) * SCALE_RANGE + 1
@@ -183,7 +184,9 @@ class GVSL(nn.Module):
         warp is computed: ``"gather"`` makes the graph TensorRT-buildable.
         ``affine=None`` is the identity: the features are used as they are.
         """
-        aligned = fl_moving if affine is None else affine_warp(fl_moving, affine, sampler=sampler)
+        aligned = fl_moving if affine is None else affine_warp(
+            fl_moving, affine, sampler=sampler, convention=self.config.affine_convention
+        )
         return self.out_flow(self.sp_conv(torch.cat([aligned, fl_fixed], dim=1)))
 
     def match(
@@ -204,7 +207,7 @@ class GVSL(nn.Module):
         fa = self.encode(fixed)
         fb = self.encode(moving)
         affine, local = self.match(fa, fb)
-        warped = dvf_warp(affine_warp(moving, affine), local)
+        warped = dvf_warp(affine_warp(moving, affine, convention=self.config.affine_convention), local)
         return GVSLOutput(self.restore(fa[1]), warped, affine, local)
 
     def register(
@@ -221,5 +224,5 @@ class GVSL(nn.Module):
             fused = self.deform_head(moving_feats[1], fixed_feats[1], None, sampler=sampler)
         else:
             affine, local = self.match(fixed_feats, moving_feats, sampler=sampler)
-            fused = compose_affine_dvf(affine, local)
+            fused = compose_affine_dvf(affine, local, self.config.affine_convention)
         return affine, fused, dvf_warp(moving, fused, sampler=sampler)

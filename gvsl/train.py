@@ -58,6 +58,8 @@ class TrainConfig:
     affine_width: int = 256
     deform_width: int = 16
     restore_width: int = 16
+    # how the affine head's matrix is read (gvsl.config.ModelConfig.affine_convention)
+    affine_convention: str = "centered"
     lr: float = 1e-4
     loss: dict[str, float] = field(default_factory=lambda: LossWeights().to_dict())
     checkpoint_every: int = 500
@@ -111,6 +113,7 @@ class TrainConfig:
             affine_width=self.affine_width,
             deform_width=self.deform_width,
             restore_width=self.restore_width,
+            affine_convention=self.affine_convention,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,7 +123,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        return cls(**d)
+        """A saved run config; one saved before ``affine_convention`` existed trained with the quirk."""
+        return cls(**{"affine_convention": "official", **d})
 
 
 @dataclass
@@ -351,7 +355,7 @@ def _train(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     criterion = GVSLLoss(LossWeights(**cfg.loss))
-    augmenter = Augmenter(AugmentConfig.from_dict(cfg.augment))
+    augmenter = Augmenter(AugmentConfig.from_dict(cfg.augment), affine_convention=cfg.affine_convention)
     rank_losses: list[float] = []  # every rank's loss, filled at a step where one was not finite
 
     def any_rank_nonfinite(loss: torch.Tensor) -> bool:

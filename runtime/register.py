@@ -56,7 +56,7 @@ from . import artifact as A
 from . import cpu_pool
 from .backends import Backend, ModelInfo, load_backend, resolve_model_file
 from .errors import GvslInputError
-from .geometry import dvf_voxel_to_mm
+from .geometry import dvf_voxel_to_mm, model_affine_convention, network_affine_to_voxel
 from .io import DEFAULT_MAX_VOXELS, VolumeLike, load_labels, read_volume, save_displacement_field
 from .metrics import folding_stats, jacobian_determinant, label_dice, ncc
 from .preprocess import Volume, normalize_intensity, pad_to_multiple, preprocess, save_nifti, with_modality
@@ -78,22 +78,6 @@ __all__ = [
 INITS = ("auto", "world", "center", "moments")
 #: ``init="auto"`` trusts world coordinates when the fields of view overlap by this fraction of the smaller
 AUTO_WORLD_OVERLAP = 0.5
-
-
-def network_affine_to_voxel(mat: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """The affine head's ``[3, 4]`` matrix (official normalised convention) as a
-    ``[3, 4]`` map on voxel indices: output voxel ``p`` reads input ``A p + b``.
-
-    numpy twin of :func:`gvsl.spatial.affine_to_voxel` (kept torch-free here).
-    """
-    d, h, w = (float(n) for n in shape)
-    m = np.asarray(mat, dtype=np.float64)
-    lin, t = m[:, :3], m[:, 3] / np.array([d, h, w])
-    s = np.array([2.0 / w, 2.0 / h, 2.0 / d])
-    c = s / 2.0 - 1.0
-    a_vox = (lin * s[None, :] / s[:, None])[::-1, ::-1]
-    b_vox = ((lin @ c + t - c) / s)[::-1]
-    return np.concatenate([a_vox, b_vox[:, None]], axis=1)
 
 
 def _translation(v: Sequence[float]) -> np.ndarray:
@@ -426,7 +410,7 @@ class Registrar:
 
         # the affine head's matrix as a world map (fixed RAS mm -> moving RAS mm)
         vox = np.eye(4)
-        vox[:3] = network_affine_to_voxel(matrix, fpad.shape)
+        vox[:3] = network_affine_to_voxel(matrix, fpad.shape, model_affine_convention(self.info.model))
         world_matrix = _translation(shift) @ pad_affine @ vox @ np.linalg.inv(pad_affine)
 
         fixed_cfg, moving_cfg = with_modality(cfg, fpre.modality), with_modality(cfg, mpre.modality)

@@ -28,6 +28,7 @@ from gvsl.export.verify import compare, reference
 from gvsl.io import save_model
 from gvsl.model import GVSL
 from gvsl.runtime import artifact as A
+from gvsl.runtime.geometry import model_affine_convention
 from gvsl.runtime.preprocess import PreprocessConfig
 from gvsl.spatial import dvf_warp, identity_grid, sample
 
@@ -178,6 +179,8 @@ def test_metadata_round_trip_through_onnxruntime(exported):
         meta = ort.InferenceSession(str(exported["out"] / name)).get_modelmeta().custom_metadata_map
         assert meta[A.META_FORMAT] == A.FORMAT and meta[A.META_KIND] == kind
         assert ModelConfig.from_json(meta[A.META_MODEL]) == ModelConfig.from_preset("tiny")
+        # the runtime reads the affine convention of a gvsl-trained model from here
+        assert model_affine_convention(json.loads(meta[A.META_MODEL])) == "centered"
         assert PreprocessConfig.from_dict(json.loads(meta[A.META_PREPROCESS])) == PreprocessConfig(
             spacing=None, modality="mr"
         )
@@ -204,6 +207,7 @@ def test_manifest_lists_artifacts_with_hashes_and_parity(exported):
         assert all(p["passed"] for p in a["parity"])
     assert files["registration.onnx"]["outputs"]["dvf"] == ["batch", 3, "depth", "height", "width"]
     assert man["patch_size"] == PATCH and man["patch_size_from"] == "model.json"
+    assert man["model"]["affine_convention"] == "centered"
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []  # no temp leftovers
     assert exported["steps"][-1] == "done"
 
@@ -320,6 +324,7 @@ def test_official_plain_state_dict_exports(tmp_path):
     meta = ort.InferenceSession(str(tmp_path / "out" / "encoder.onnx")).get_modelmeta().custom_metadata_map
     assert json.loads(meta[A.META_PATCH]) == [128, 128, 128]
     assert meta[A.META_WEIGHTS_SHA] == sha256_file(pth)
+    assert model_affine_convention(json.loads(meta[A.META_MODEL])) == "official"  # the authors' quirk
     emb = man["artifacts"][0]["outputs"]["embedding"]
     assert emb == ["batch", 512]
     assert all(p["passed"] for a in man["artifacts"] for p in a["parity"])
