@@ -91,6 +91,8 @@ def demo(
     default_model: Annotated[
         bool, typer.Option(help="Also register the pair with the model shipped with gvsl.")
     ] = True,
+    refine: Annotated[int, typer.Option(help="Refinement iterations after the network (0 = the network alone).")] = 30,
+    regularisation: Annotated[float, typer.Option(help="Refinement smoothness in [0, 1].")] = 0.3,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
 ) -> None:
     """Run the whole job on the bundled real sample: synth -> train -> export -> embed -> register,
@@ -105,6 +107,8 @@ def demo(
         widths=widths,
         seed=seed,
         use_default_model=default_model,
+        refine=refine,
+        regularisation=regularisation,
     )
     say = (lambda s: None) if quiet else (lambda s: err.print(s, soft_wrap=True, highlight=False, markup=False))
     run_demo(out, cfg, log=say)
