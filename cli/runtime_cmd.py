@@ -435,6 +435,13 @@ def register(
     refine_levels: Annotated[
         str, typer.Option(help="Refinement pyramid: isotropic spacings in mm, coarse to fine, e.g. 4,2 or 4,2,1.")
     ] = "4,2",
+    refine_affine: Annotated[
+        int,
+        typer.Option(
+            help="Affine refinement iterations (local-CC ascent, refine_affine.onnx) on the coarsest level, "
+            "before the network; 0 = none. Runs only when --refine is above 0."
+        ),
+    ] = 40,
     similarity: Annotated[
         str, typer.Option(help="Refinement similarity: ncc (local normalised cross-correlation).")
     ] = ("ncc"),
@@ -471,7 +478,13 @@ def register(
         raise typer.BadParameter(
             f"--refine-levels {refine_levels}: give spacings in mm separated by commas, e.g. 4,2"
         ) from None
-    options = RefineOptions(iterations=refine, levels=levels, similarity=similarity, regularisation=regularisation)
+    options = RefineOptions(
+        iterations=refine,
+        levels=levels,
+        similarity=similarity,
+        regularisation=regularisation,
+        affine_iterations=refine_affine,
+    )
     if fixed_labels and len(fixed_labels) != len(labels or []):
         raise typer.BadParameter(f"--fixed-labels: {len(fixed_labels)} given for {len(labels or [])} --labels")
     if model is None and server is None:  # neither given: the small model shipped with gvsl
@@ -535,6 +548,8 @@ def register(
             "dice": res.dice,
             "stages_seconds": res.stages,
             "refinement": res.refinement,
+            "affine_refinement": res.affine_refinement,
+            "initial_matrix": [[float(v) for v in row] for row in res.initial_matrix],
             "seconds": seconds,
             "affine_network": res.matrix.tolist(),
             "affine_world_ras": res.world_matrix.tolist(),
@@ -558,6 +573,13 @@ def register(
         if res.modalities[0] is not None:
             table.add_row("modality fixed / moving", f"{res.modalities[0]} / {res.modalities[1]}")
         table.add_row("initial alignment", res.init)
+        if res.affine_refinement:
+            a = res.affine_refinement
+            kept = "kept" if a.get("kept") else "not kept"
+            table.add_row(
+                f"refine affine {a['spacing_mm']:g} mm",
+                f"local CC {a['local_cc_before']:.4f} -> {a['local_cc_after']:.4f} ({kept})",
+            )
         for level in res.refinement:
             table.add_row(f"refine {level['spacing_mm']:g} mm", f"local CC {level['local_cc']:.4f}")
         for name, scores in res.dice.items():

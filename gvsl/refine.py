@@ -48,12 +48,16 @@ import torch.nn.functional as F
 from gvsl.spatial import identity_grid
 
 __all__ = [
+    "AffineStep",
     "RefineSettings",
     "RefineStep",
     "cc_force",
     "gaussian_kernel",
     "local_cc",
+    "affine_locations",
+    "affine_step",
     "refine",
+    "refine_affine",
     "refine_step",
     "sample_clamped",
     "smooth",
@@ -316,3 +320,89 @@ class RefineStep(nn.Module):
             self.total_taps,
             self.settings.radius,
         )
+
+
+def _centred_grid(sizes: list[Any], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Voxel positions ``[1, 3, V]`` about the grid centre, and the centre ``[1, 3, 1]``."""
+    grid = identity_grid(sizes, like.device, like.dtype).reshape(1, 3, -1)
+    centre = torch.stack([torch.as_tensor(n).to(like.dtype) for n in sizes]).view(1, 3, 1) * 0.5 - 0.5
+    return grid - centre, centre
+
+
+def affine_locations(matrix: torch.Tensor, sizes: list[Any]) -> torch.Tensor:
+    """Sampling positions ``c + M (p - c) + t`` of a centred voxel affine ``[1, 3, 4] = [M | t]``."""
+    centred, centre = _centred_grid(sizes, matrix)
+    locs = matrix[:, :, :3] @ centred + matrix[:, :, 3:] + centre
+    return locs.reshape(1, 3, *sizes)
+
+
+def affine_step(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    matrix: torch.Tensor,
+    step: torch.Tensor,
+    iteration: torch.Tensor,
+    iterations: torch.Tensor,
+    radius: int = 2,
+) -> torch.Tensor:
+    """One gradient-ascent step of local CC for a centred voxel affine ``[1, 3, 4]``.
+
+    The voxel force of :func:`cc_force` is projected on the 12 parameters
+    (``sum F q^T`` and ``sum F``, with ``q`` the centred voxel position); the
+    linear part is scaled by the grid's half-extent so that one ``step``
+    moves no voxel of the grid much more than ``step`` voxels, and the step
+    shrinks linearly to zero over ``iterations``.
+    """
+    sizes = _sizes(fixed)
+    centred, _ = _centred_grid(sizes, matrix)
+    warped = sample_clamped(moving, affine_locations(matrix, sizes))
+    force = cc_force(fixed, warped, radius).reshape(1, 3, -1)
+    extent = torch.sqrt((centred * centred).sum(dim=1)).amax().clamp(min=1.0)
+    grad_linear = force @ centred.transpose(1, 2)  # [1, 3, 3]
+    grad_shift = force.sum(dim=2, keepdim=True)  # [1, 3, 1]
+    # each part is normalised on its own: the shift moves by `step` voxels, the linear part moves
+    # the grid's edge by `step` voxels, so neither starves the other
+    norm_linear = torch.sqrt((grad_linear * grad_linear).sum()).clamp(min=1e-12)
+    norm_shift = torch.sqrt((grad_shift * grad_shift).sum()).clamp(min=1e-12)
+    decay = 1.0 - iteration.to(matrix.dtype) / iterations.to(matrix.dtype).clamp(min=1.0)
+    size = step.view(1, 1, 1) * decay
+    linear = matrix[:, :, :3] + grad_linear * (size / (norm_linear * extent))
+    return torch.cat([linear, matrix[:, :, 3:] + grad_shift * (size / norm_shift)], dim=2)
+
+
+def refine_affine(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    matrix: torch.Tensor | None = None,
+    iterations: int = 40,
+    step: float = 1.0,
+    settings: RefineSettings | None = None,
+) -> torch.Tensor:
+    """``iterations`` steps of :func:`affine_step` from ``matrix`` (identity when ``None``)."""
+    settings = settings or RefineSettings()
+    current = torch.eye(3, 4, dtype=fixed.dtype)[None] if matrix is None else matrix
+    step_t = torch.tensor([float(step)], dtype=fixed.dtype)
+    total = torch.tensor(int(iterations))
+    with torch.no_grad():
+        for k in range(int(iterations)):
+            current = affine_step(fixed, moving, current, step_t, torch.tensor(k), total, settings.radius)
+    return current
+
+
+class AffineStep(nn.Module):
+    """:func:`affine_step` with the window radius fixed: the body traced into ``refine_affine.onnx``."""
+
+    def __init__(self, settings: RefineSettings | None = None) -> None:
+        super().__init__()
+        self.settings = settings or RefineSettings()
+
+    def forward(
+        self,
+        fixed: torch.Tensor,
+        moving: torch.Tensor,
+        matrix: torch.Tensor,
+        step: torch.Tensor,
+        iteration: torch.Tensor,
+        iterations: torch.Tensor,
+    ) -> torch.Tensor:
+        return affine_step(fixed, moving, matrix, step, iteration, iterations, self.settings.radius)

@@ -27,6 +27,7 @@ ONNX_NAMES = {
     artifact.ENCODER: "encoder.onnx",
     artifact.REGISTRATION: "registration.onnx",
     artifact.REFINE: "refine.onnx",
+    artifact.REFINE_AFFINE: "refine_affine.onnx",
 }
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
 ENGINE_SUFFIXES = (".engine", ".plan")
@@ -47,7 +48,7 @@ def info_from_metadata(meta: Mapping[str, str], path: Path, want_kind: str) -> M
             f"({ONNX_NAMES[want_kind]}); pass the export folder or that file",
             name,
         )
-    if kind == artifact.REFINE:  # no learned weights: its constants are all it describes
+    if kind in (artifact.REFINE, artifact.REFINE_AFFINE):  # no learned weights: its constants are all it describes
         try:
             settings = json.loads(meta.get(artifact.META_REFINE) or "{}")
         except ValueError as e:
