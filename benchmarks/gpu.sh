@@ -36,7 +36,7 @@ for spec in numpy:numpy scipy:scipy nibabel:nibabel typer:typer rich:rich safete
     install "${spec%%:*}" "${spec#*:}"
 done
 if ! have torch; then install torch torch; fi
-if ! $PY -c "import gvsl.bench, gvsl.runtime" >/dev/null 2>&1; then
+if ! $PY -c "import gvsl.cli.bench, gvsl.runtime" >/dev/null 2>&1; then
     log "installing gvsl (editable, no dependencies, no build isolation)"
     $PY -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 || log "gvsl install failed"
 fi

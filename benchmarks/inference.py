@@ -4,7 +4,7 @@
     python benchmarks/inference.py --kind encoder,registration --sizes 128 --device cuda
 
 Takes exactly the options of ``gvsl bench`` (``--help``); the code lives in
-:mod:`gvsl.bench` so the command and this script measure the same thing.
+:mod:`gvsl.cli.bench` so the command and this script measure the same thing.
 """
 
 from __future__ import annotations

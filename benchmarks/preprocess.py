@@ -4,7 +4,7 @@
     python benchmarks/preprocess.py --ct-shape 256,256,200 --repeats 3
 
 SimpleITK is a benchmark-only peer (``pip install "gvsl[bench]"``). Options are
-those of ``gvsl bench``; the code is :func:`gvsl.bench.bench_preprocess`.
+those of ``gvsl bench``; the code is :func:`gvsl.cli.bench.bench_preprocess`.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ import numpy as np
 
 def run_case(args: argparse.Namespace) -> dict:
     """One (task, backend) in this process; prints a JSON line."""
-    from gvsl.bench import smooth_ct_cube
+    from gvsl.cli.bench import smooth_ct_cube
     from gvsl.runtime import Embedder, Registrar
 
     model = args.model_dir if args.backend == "torch" else args.export_dir
@@ -114,7 +114,7 @@ def main() -> None:
         print(json.dumps(run_case(args)))
         return
 
-    from gvsl.bench import random_model_export
+    from gvsl.cli.bench import random_model_export
 
     tmp = Path(tempfile.mkdtemp(prefix="gvsl-bench-"))
     patch = args.patch or args.size

@@ -101,8 +101,8 @@ def _start_server(python: str, export: Path, args: argparse.Namespace, log: Path
     cmd = [
         sys.executable, "-m", "gvsl.cli.main", "serve", "--model", str(export), "--python", python,
         "--host", "127.0.0.1", "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-        "--instances", str(args.instances), "--max-batch", str(args.max_batch), "--threads", str(args.threads),
-        "--device", "cpu", "--quiet",
+        "--instances", str(args.instances), "--max-batch", str(args.max_batch),
+        "--device", "cpu", "--quiet", *(["--threads", str(args.threads)] if args.threads else []),
     ]  # fmt: skip
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
@@ -142,13 +142,15 @@ def main() -> None:
     p.add_argument("--protocol", choices=("http", "grpc"), default="http")
     p.add_argument("--instances", type=int, default=2, help="gvsl serve --instances")
     p.add_argument("--max-batch", type=int, default=4, help="gvsl serve --max-batch")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per call, both sides (0 = default)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (gvsl serve --threads), both sides (default: every core)"
+    )
     p.add_argument("--python", default=os.environ.get("GVSL_SERVE_PYTHON"), help="serve venv interpreter")
     args = p.parse_args()
     if not args.python:
         sys.exit("error: --python: give the serve venv's interpreter (or set GVSL_SERVE_PYTHON); README: gvsl serve")
 
-    from gvsl.bench import random_model_export, smooth_ct_cube
+    from gvsl.cli.bench import random_model_export, smooth_ct_cube
     from gvsl.runtime import Embedder, Registrar
     from gvsl.runtime.client import GvslClient
     from gvsl.runtime.serve import EMBED_MODEL, REGISTER_MODEL
@@ -163,8 +165,8 @@ def main() -> None:
         tasks = args.tasks.split(",")
         rows = []
 
-        embedder = Embedder(tmp / "export", device="cpu", threads=args.threads)
-        registrar = Registrar(tmp / "export", device="cpu", threads=args.threads)
+        embedder = Embedder(tmp / "export", device="cpu", threads=args.threads or 0)
+        registrar = Registrar(tmp / "export", device="cpu", threads=args.threads or 0)
         ref_emb = embedder.embed((vol, aff)).embedding
         ref_reg = registrar.register((vol, aff), (moving, aff))
         emb_in = {"image": vol[None], "affine": aff[None]}

@@ -76,6 +76,13 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+#: ``--modality`` of train, embed, register and serve
+MODALITY_HELP = (
+    "Intensity normalisation: auto (CT when the values look like Hounsfield units, MR otherwise; decided "
+    "per volume), ct (HU window), mr (percentiles), none; embed/register/serve: 'model' keeps the model's own."
+)
+
+
 def parse_triple(text: str, what: str, cast: Callable[[str], Any] = int) -> tuple[Any, Any, Any]:
     """``"64"`` -> (64, 64, 64); ``"64,80,96"`` -> (64, 80, 96)."""
     try:

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from gvsl.cli.app import app, err, parse_triple, user_errors
+from gvsl.runtime.atomic import save_text
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -100,7 +101,7 @@ def bench(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No tables on screen.")] = False,
 ) -> None:
     """Benchmark inference backends, training and preprocessing on this machine."""
-    from gvsl import bench as B
+    from gvsl.cli import bench as benchmark
 
     started = time.monotonic()
     deadline = started + time_limit if time_limit > 0 else None
@@ -117,23 +118,23 @@ def bench(
     if any(s % 16 for s in size_list):
         raise typer.BadParameter(f"--sizes must be multiples of 16, got {size_list}")
     if backend == "all":
-        names = list(B.GPU_DEFAULT if gpu else B.CPU_DEFAULT)
+        names = list(benchmark.GPU_DEFAULT if gpu else benchmark.CPU_DEFAULT)
     else:
         names = []
         for n in (x.strip() for x in backend.split(",") if x.strip()):
             names += ["tensorrt-fp16", "tensorrt-bf16"] if n == "tensorrt" else [n]
-        unknown = [n for n in names if n not in B.INFERENCE_BACKENDS]
+        unknown = [n for n in names if n not in benchmark.INFERENCE_BACKENDS]
         if unknown:
-            choices = ", ".join(B.INFERENCE_BACKENDS)
+            choices = ", ".join(benchmark.INFERENCE_BACKENDS)
             raise typer.BadParameter(f"--backend: unknown {', '.join(unknown)}; choose from {choices}")
     if model and not Path(model).exists():
         raise typer.BadParameter(f"--model {model}: not found")
-    onnx_only = model is not None and B.BenchSetup._is_export(Path(model))
-    if B.BASELINE not in names and not onnx_only:
-        names = [B.BASELINE, *names]  # every ratio is to torch eager in the same run
+    onnx_only = model is not None and benchmark.BenchSetup.is_export(Path(model))
+    if benchmark.BASELINE not in names and not onnx_only:
+        names = [benchmark.BASELINE, *names]  # every ratio is to torch eager in the same run
 
     result: dict[str, Any] = {
-        "machine": B.machine_info(),
+        "machine": benchmark.machine_info(),
         "command": "gvsl " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "config": {"model": model or f"random init, widths {widths}", "device": dev, "sizes": size_list,
                    "batches": batch_list, "kinds": kinds, "backends": names, "repeats": repeats, "warmup": warmup},
@@ -142,10 +143,7 @@ def bench(
 
     def save() -> None:
         result["machine"]["load_avg_end"] = list(__import__("os").getloadavg())
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = json_out.with_name(f".{json_out.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
-        tmp.replace(json_out)
+        save_text(json_out, json.dumps(result, indent=2, default=str))
 
     def log(s: str) -> None:
         if not quiet:
@@ -153,7 +151,7 @@ def bench(
 
     if not (train_only or preprocess_only):
         patch = max(size_list)
-        setup = B.BenchSetup(
+        setup = benchmark.BenchSetup(
             model=model, widths=widths, device=dev, patch=patch, threads=threads, log=log,
             calibration=tuple(int8_calibration or ()), eval_volumes=tuple(eval_volume or ()),
         )  # fmt: skip
@@ -168,32 +166,34 @@ def bench(
                 log(f"{r['kind']} {r['size']}³ batch {r['batch']} {r['backend']}: {r.get('status')}")
 
         try:
-            B.bench_inference(setup, names, kinds, size_list, batch_list, repeats, warmup, memory, deadline, on_record)
-        except B.Unavailable as e:
+            benchmark.bench_inference(
+                setup, names, kinds, size_list, batch_list, repeats, warmup, memory, deadline, on_record
+            )
+        except benchmark.Unavailable as e:
             err.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(2) from None
-        result["machine"] = {**B.machine_info(), "load_avg_start": result["machine"]["load_avg"]}
+        result["machine"] = {**benchmark.machine_info(), "load_avg_start": result["machine"]["load_avg"]}
     if train or train_only:
         tsizes = _ints(train_sizes, "--train-sizes") if train_sizes else size_list
-        result["train"] = B.bench_train(tsizes, widths, dev, train_batch, repeats, max(warmup, 2), compile,
+        result["train"] = benchmark.bench_train(tsizes, widths, dev, train_batch, repeats, max(warmup, 2), compile,
                                         deadline=deadline)  # fmt: skip
         save()
     if preprocess or preprocess_only:
         shape = parse_triple(ct_shape, "--ct-shape")
         spacing = parse_triple(ct_spacing, "--ct-spacing", float)
-        result["preprocess"] = B.bench_preprocess(shape=shape, spacing=spacing, repeats=repeats)
+        result["preprocess"] = benchmark.bench_preprocess(shape=shape, spacing=spacing, repeats=repeats)
         save()
     save()
     if not quiet:
         if result["inference"]:
-            _table("inference", *B.inference_rows(result["inference"]))
+            _table("inference", *benchmark.inference_rows(result["inference"]))
         if result["train"]:
-            _table("training", *B.train_rows(result["train"]))
+            _table("training", *benchmark.train_rows(result["train"]))
         if result["preprocess"]:
             title = f"preprocessing ({ct_shape} CT at {ct_spacing} mm → 1 mm)"
-            _table(title, *B.preprocess_rows(result["preprocess"]))
+            _table(title, *benchmark.preprocess_rows(result["preprocess"]))
     if markdown:
-        markdown.write_text(B.markdown_tables(result), encoding="utf-8")
+        save_text(markdown, benchmark.markdown_tables(result))
     err.print(f"results: {json_out}" + (f", {markdown}" if markdown else ""))
 
 

@@ -34,9 +34,41 @@ def synth(
     elastic_mm: Annotated[float, typer.Option(help="Peak elastic displacement in mm.")] = 6.0,
     rotation_deg: Annotated[float, typer.Option(help="Largest rotation per axis in degrees.")] = 8.0,
     save_fields: Annotated[bool, typer.Option(help="Also write each true displacement field.")] = False,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            help="Draw from the label-map generator instead: a recipe JSON (label maps, intensity models, "
+            "artefacts; see gvsl/assets/recipes) or a shipped recipe name (default, default_v2). Writes images "
+            "in HU (CT draws) or MR units with their warped label maps."
+        ),
+    ] = None,
+    recipe_root: Annotated[
+        Path | None, typer.Option(help="Folder the recipe's relative file names start from.")
+    ] = None,
+    shape: Annotated[str | None, typer.Option(help="With --recipe: grid size X,Y,Z or one number.")] = None,
+    pairs: Annotated[
+        bool, typer.Option(help="With --recipe: write pairs (_a, _b) that share one appearance model.")
+    ] = False,
 ) -> None:
     """Make synthetic subjects: a real template under random smooth deformations and
-    MR-like intensity changes, with grey/white-matter labels where the source has them."""
+    MR-like intensity changes, with grey/white-matter labels where the source has them;
+    or, with --recipe, SynthSeg-style CT/MR subjects drawn from label maps."""
+    if recipe is not None:
+        from gvsl.cli.app import parse_triple
+        from gvsl.generator import load_recipe, write_draws
+
+        recs = write_draws(
+            out,
+            load_recipe(recipe, root=recipe_root),
+            n,
+            seed=seed,
+            shape=None if shape is None else parse_triple(shape, "--shape"),
+            spacing=spacing,
+            pairs=pairs,
+            prefix=prefix,
+        )
+        err.print(f"wrote {len(recs)} subjects to {out}", highlight=False)
+        return
     from gvsl.synth import SynthConfig, make_subjects
 
     cfg = SynthConfig(elastic_mm=elastic_mm, rotation_deg=rotation_deg)
@@ -59,11 +91,13 @@ def demo(
     default_model: Annotated[
         bool, typer.Option(help="Also register the pair with the model shipped with gvsl.")
     ] = True,
+    refine: Annotated[int, typer.Option(help="Refinement iterations after the network (0 = the network alone).")] = 30,
+    regularisation: Annotated[float, typer.Option(help="Refinement smoothness in [0, 1].")] = 0.3,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
 ) -> None:
     """Run the whole job on the bundled real sample: synth -> train -> export -> embed -> register,
     and write figures and summary.md into --out."""
-    from gvsl.demo import DemoConfig, run_demo
+    from gvsl.cli.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(
         subjects=subjects,
@@ -73,6 +107,8 @@ def demo(
         widths=widths,
         seed=seed,
         use_default_model=default_model,
+        refine=refine,
+        regularisation=regularisation,
     )
     say = (lambda s: None) if quiet else (lambda s: err.print(s, soft_wrap=True, highlight=False, markup=False))
     run_demo(out, cfg, log=say)

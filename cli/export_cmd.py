@@ -47,6 +47,14 @@ def export(
     widths: Annotated[
         str | None, typer.Option(help="Widths of a .pth checkpoint: default, small, tiny or nine numbers.")
     ] = None,
+    official_affine: Annotated[
+        bool,
+        typer.Option(
+            "--official-affine",
+            help="Official .pth: register with the released affine head (never trained upstream) "
+            "instead of the identity affine.",
+        ),
+    ] = False,
     min_shape: Annotated[
         list[str] | None, typer.Option(help="TensorRT profile minimum N,D,H,W (repeat for more profiles).")
     ] = None,
@@ -87,6 +95,7 @@ def export(
         verify=verify,
         simplify=simplify,
         widths=widths,
+        official_affine=official_affine,
         min_shapes=tuple(min_shape or ()),
         opt_shapes=tuple(opt_shape or ()),
         max_shapes=tuple(max_shape or ()),
@@ -136,6 +145,12 @@ def export(
         err.print(f"done: {len(manifest['artifacts'])} artifact(s) in {out}", soft_wrap=True)
 
 
+def _affine_head_line(model: dict[str, Any]) -> str:
+    from gvsl.export.pipeline import AFFINE_IDENTITY_NOTE
+
+    return AFFINE_IDENTITY_NOTE if model.get("affine_head") == "identity" else "the affine head's output (trained)"
+
+
 def _worst(parity: list[dict[str, Any]]) -> str:
     if not parity:
         return "not verified"
@@ -164,6 +179,8 @@ def info(
         m = d["manifest"]
         typer.echo(f"  source: {m['source']['path']} ({m['source']['kind']}, sha256 {m['source']['weights_sha256']})")
         typer.echo(f"  model widths: {m['model']['widths']}  patch: {m['patch_size']} ({m['patch_size_from']})")
+        typer.echo(f"  preprocess: {json.dumps(m['preprocess'])}")
+        typer.echo(f"  registration affine: {_affine_head_line(m['model'])}")
         for a in m["artifacts"]:
             typer.echo(f"  {a['file']}: {a['kind']} {a['format']} {a['precision']} sha256 {a['sha256']}")
         if m.get("triton"):
@@ -177,6 +194,11 @@ def info(
             typer.echo(f"  {key}:")
             for name, shape in d[key].items():
                 typer.echo(f"    {name}: {shape}")
+    from gvsl.runtime import artifact
+
+    model_meta = d.get("metadata", {}).get(artifact.META_MODEL)
+    if d.get("metadata", {}).get(artifact.META_KIND) == artifact.REGISTRATION and isinstance(model_meta, dict):
+        typer.echo(f"  registration affine: {_affine_head_line(model_meta)}")
     if "metadata" in d:
         typer.echo("  metadata:")
         for k, v in d["metadata"].items():

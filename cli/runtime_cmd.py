@@ -17,7 +17,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from gvsl.cli.app import app, err, progress_bar, user_errors
+from gvsl.cli.app import MODALITY_HELP, app, err, progress_bar, user_errors
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -26,7 +26,9 @@ SERVER_HELP = (
     "Use a running `gvsl serve` instead of --model: http://HOST:8000 or grpc://HOST:8001 "
     "(the server's backend and settings apply)."
 )
-DEVICE_HELP = "auto, cpu, cuda or cuda:N (ONNX Runtime tries TensorRT EP, then CUDA EP, then CPU)."
+DEVICE_HELP = "auto, cpu, cuda or cuda:N (ONNX Runtime tries TensorRT EP, then CUDA EP; cuda fails if neither loads)."
+THREADS_HELP = "CPU threads for inference and preprocessing, 1 or more (default: every core, up to 16)."
+FALLBACK_HELP = "With --device cuda: warn and run on the CPU when ONNX Runtime cannot use the GPU (default: fail)."
 
 
 def _shard(text: str | None) -> tuple[int, int]:
@@ -101,7 +103,8 @@ def embed(
     overlap: Annotated[float, typer.Option(help="Sliding-window overlap for volumes larger than the patch.")] = 0.5,
     window_batch: Annotated[int, typer.Option(help="Windows per inference call (more = faster, more memory).")] = 1,
     max_voxels: Annotated[int, typer.Option(help="Refuse inputs with more voxels than this.")] = 512 * 512 * 2048,
-    threads: Annotated[int, typer.Option(help="CPU threads per inference (0 = library default).")] = 0,
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP)] = None,
+    allow_cpu_fallback: Annotated[bool, typer.Option(help=FALLBACK_HELP)] = False,
     int8: Annotated[
         bool,
         typer.Option(
@@ -119,6 +122,7 @@ def embed(
         ),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Recompute outputs that already exist (default: skip them).")] = False,
+    modality: Annotated[str, typer.Option(help=MODALITY_HELP)] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary; errors only.")] = False,
 ) -> None:
     """Embed volumes with a gvsl encoder: one global embedding per volume (optionally dense features).
@@ -127,7 +131,9 @@ def embed(
     batch; they are listed at the end and the exit code is 1. `--merge` joins the
     outputs of several runs or shards into one table.
     """
+    import gvsl.torch_backend  # noqa: F401 - registers the torch backend for trained models (imports no torch)
     from gvsl.runtime.backends import BACKENDS
+    from gvsl.runtime.cpu_pool import check_threads
     from gvsl.runtime.embed import Embedder
     from gvsl.runtime.io import list_inputs, save_npy, save_npz
     from gvsl.runtime.preprocess import save_nifti
@@ -138,6 +144,7 @@ def embed(
         raise typer.BadParameter(f"--format must be npy or npz, got {format!r}")
     if grid not in ("input", "model"):
         raise typer.BadParameter(f"--grid must be input or model, got {grid!r}")
+    check_threads(threads)
     if merge:
         _merge_embeddings(paths, out, overwrite, quiet)
         return
@@ -171,6 +178,7 @@ def embed(
         return [out / f"{key}.npy"] + ([out / f"{key}_features.nii.gz"] if dense else [])
 
     todo = [it for it in items if overwrite or not all(p.is_file() for p in outputs_for(it.key))]
+    modalities: dict[str, int] = {}
     skipped = len(items) - len(todo)
     done = 0
     t0 = time.perf_counter()
@@ -192,7 +200,8 @@ def embed(
                 extra["int8_calibration"] = list(int8_calibration or [sample_volume()])
             embedder = Embedder(
                 model, "onnxruntime" if int8 else backend, "cpu" if int8 and device == "auto" else device,
-                overlap=overlap, window_batch=window_batch, max_voxels=max_voxels, threads=threads, **extra,
+                overlap=overlap, window_batch=window_batch, max_voxels=max_voxels, threads=threads,
+                modality=_modality(modality), allow_cpu_fallback=allow_cpu_fallback, **extra,
             )  # fmt: skip
         if dense and not embedder.has_dense:
             raise typer.BadParameter(
@@ -209,9 +218,10 @@ def embed(
                     vol, pre = fut.result()
                     res = embedder.embed_prepared(vol, pre, dense=dense, grid=grid)
                     outs = outputs_for(item.key)
+                    modalities[res.modality or "server"] = modalities.get(res.modality or "server", 0) + 1
                     if format == "npz":
                         extra = {"features": res.features, "affine": res.affine} if dense else {}
-                        save_npz(outs[0], embedding=res.embedding, **extra)
+                        save_npz(outs[0], embedding=res.embedding, modality=res.modality or "", **extra)
                     else:
                         if dense:
                             save_nifti(outs[1], res.features.transpose(1, 2, 3, 0), res.affine)
@@ -226,7 +236,7 @@ def embed(
                     failures.append((str(item.path), why))
                 progress.advance(task)
         embedder.close()
-    _embed_summary(done, skipped, len(items), failures, time.perf_counter() - t0, quiet)
+    _embed_summary(done, skipped, len(items), failures, time.perf_counter() - t0, quiet, modalities)
     if failures:
         raise typer.Exit(1)
 
@@ -322,17 +332,30 @@ def _merge_embeddings(folders: list[str], out: Path, overwrite: bool, quiet: boo
         )
 
 
+def _modality(text: str) -> str | None:
+    """``--modality``: auto, ct, mr, none, or ``model`` (None: the model's own setting)."""
+    from gvsl.runtime.preprocess import MODALITIES
+
+    if text == "model":
+        return None
+    if text not in MODALITIES:
+        raise typer.BadParameter(f"--modality must be one of {', '.join(MODALITIES)} or model, got {text!r}")
+    return text
+
+
 def _embed_summary(
-    done: int, skipped: int, total: int, failures: list[tuple[str, str]], seconds: float, quiet: bool
-) -> None:
+    done: int, skipped: int, total: int, failures: list[tuple[str, str]], seconds: float, quiet: bool,
+    modalities: dict[str, int] | None = None,
+) -> None:  # fmt: skip
     from rich.table import Table
 
     if not quiet:
         table = Table(title="gvsl embed", show_header=True, header_style="bold")
-        for col in ("inputs", "embedded", "skipped (exist)", "failed", "time", "s / volume"):
+        for col in ("inputs", "embedded", "skipped (exist)", "failed", "modality", "time", "s / volume"):
             table.add_column(col, justify="right")
         per = f"{seconds / done:.2f}" if done else "-"
-        table.add_row(str(total), str(done), str(skipped), str(len(failures)), f"{seconds:.1f} s", per)
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted((modalities or {}).items())) or "-"
+        table.add_row(str(total), str(done), str(skipped), str(len(failures)), kinds, f"{seconds:.1f} s", per)
         err.print(table)
     if failures:
         err.print(f"[bold red]{len(failures)} input(s) failed:[/]")
@@ -412,6 +435,13 @@ def register(
     refine_levels: Annotated[
         str, typer.Option(help="Refinement pyramid: isotropic spacings in mm, coarse to fine, e.g. 4,2 or 4,2,1.")
     ] = "4,2",
+    refine_affine: Annotated[
+        int,
+        typer.Option(
+            help="Affine refinement iterations (local-CC ascent, refine_affine.onnx) on the coarsest level, "
+            "before the network; 0 = none. Runs only when --refine is above 0."
+        ),
+    ] = 40,
     similarity: Annotated[
         str, typer.Option(help="Refinement similarity: ncc (local normalised cross-correlation).")
     ] = ("ncc"),
@@ -422,10 +452,12 @@ def register(
             "iteration (higher = smoother, less detail)."
         ),
     ] = 0.3,
+    modality: Annotated[str, typer.Option(help=MODALITY_HELP)] = "auto",
     backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "auto",
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     max_voxels: Annotated[int, typer.Option(help="Refuse inputs with more voxels than this.")] = 512 * 512 * 2048,
-    threads: Annotated[int, typer.Option(help="CPU threads per inference (0 = library default).")] = 0,
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP)] = None,
+    allow_cpu_fallback: Annotated[bool, typer.Option(help=FALLBACK_HELP)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
 ) -> None:
     """Register MOVING onto FIXED with a gvsl registration model.
@@ -434,7 +466,11 @@ def register(
     field, warped label maps, an overview PNG and the quality figures (NCC
     before/after, Jacobian determinant, folding).
     """
+    import gvsl.torch_backend  # noqa: F401 - registers the torch backend for trained models (imports no torch)
+    from gvsl.runtime import cpu_pool
     from gvsl.runtime.register import RefineOptions, Registrar
+
+    cpu_pool.set_threads(cpu_pool.check_threads(threads))
 
     try:
         levels = tuple(float(v) for v in refine_levels.split(","))
@@ -442,7 +478,13 @@ def register(
         raise typer.BadParameter(
             f"--refine-levels {refine_levels}: give spacings in mm separated by commas, e.g. 4,2"
         ) from None
-    options = RefineOptions(iterations=refine, levels=levels, similarity=similarity, regularisation=regularisation)
+    options = RefineOptions(
+        iterations=refine,
+        levels=levels,
+        similarity=similarity,
+        regularisation=regularisation,
+        affine_iterations=refine_affine,
+    )
     if fixed_labels and len(fixed_labels) != len(labels or []):
         raise typer.BadParameter(f"--fixed-labels: {len(fixed_labels)} given for {len(labels or [])} --labels")
     if model is None and server is None:  # neither given: the small model shipped with gvsl
@@ -475,7 +517,15 @@ def register(
         backend_name = client.name
     else:
         with Registrar(
-            model, backend, device, init=init, refine=options, max_voxels=max_voxels, threads=threads
+            model,
+            backend,
+            device,
+            init=init,
+            refine=options,
+            max_voxels=max_voxels,
+            threads=threads or 0,
+            allow_cpu_fallback=allow_cpu_fallback,
+            modality=_modality(modality),
         ) as reg:
             res = reg.register(fixed, moving, labels=label_paths or None, fixed_labels=fixed_labels or None)
         backend_name = reg.backend.name
@@ -488,7 +538,7 @@ def register(
     if png is not None:
         written.append(res.save_png(png, title=f"{Path(moving).name} -> {Path(fixed).name}"))
     if metrics is not None:
-        from gvsl.runtime.io import atomic_write
+        from gvsl.runtime.io import save_text
 
         payload = {
             "fixed": str(fixed),
@@ -498,14 +548,16 @@ def register(
             "dice": res.dice,
             "stages_seconds": res.stages,
             "refinement": res.refinement,
+            "affine_refinement": res.affine_refinement,
+            "initial_matrix": [[float(v) for v in row] for row in res.initial_matrix],
             "seconds": seconds,
             "affine_network": res.matrix.tolist(),
             "affine_world_ras": res.world_matrix.tolist(),
             "backend": backend_name,
+            "modality_fixed": res.modalities[0],
+            "modality_moving": res.modalities[1],
         }
-        written.append(
-            atomic_write(metrics, lambda p: Path(p).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8"))
-        )
+        written.append(save_text(metrics, json.dumps(payload, indent=2) + "\n"))
     if not quiet:
         from rich.table import Table
 
@@ -518,7 +570,16 @@ def register(
         table.add_row("Jacobian det min", f"{m['jacobian_min']:.4f}")
         table.add_row("folding voxels", f"{m['folding_percent']:.4f} %")
         table.add_row("max displacement", f"{m['max_displacement_mm']:.2f} mm")
+        if res.modalities[0] is not None:
+            table.add_row("modality fixed / moving", f"{res.modalities[0]} / {res.modalities[1]}")
         table.add_row("initial alignment", res.init)
+        if res.affine_refinement:
+            a = res.affine_refinement
+            kept = "kept" if a.get("kept") else "not kept"
+            table.add_row(
+                f"refine affine {a['spacing_mm']:g} mm",
+                f"local CC {a['local_cc_before']:.4f} -> {a['local_cc_after']:.4f} ({kept})",
+            )
         for level in res.refinement:
             table.add_row(f"refine {level['spacing_mm']:g} mm", f"local CC {level['local_cc']:.4f}")
         for name, scores in res.dice.items():

@@ -1,7 +1,7 @@
 """``gvsl serve``: the torch-free runtime behind a real Triton Inference Server (PyTriton).
 
 The server has to run in an interpreter whose libpython is the one Triton's
-Python-backend stub loads (see :func:`gvsl.runtime.serve.interpreter_problem`),
+Python-backend stub loads (see :func:`gvsl.runtime.serve_interpreter.interpreter_problem`),
 which is usually not the training environment: ``--python`` /
 ``GVSL_SERVE_PYTHON`` name that interpreter (a venv with ``gvsl[cpu,serve]``)
 and the command re-executes itself there, so the pid stays the same and
@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from gvsl.cli.app import app, err, user_errors
+from gvsl.cli.app import MODALITY_HELP, app, err, user_errors
 
 _CHILD = "_GVSL_SERVE_CHILD"  # set in the re-executed process: never re-execute twice
 MODEL_CHOICES = {"embed": "gvsl_embed", "register": "gvsl_register"}
@@ -76,7 +76,20 @@ def serve(
     max_voxels: Annotated[int, typer.Option(help="Refuse volumes with more voxels than this.")] = 512 * 512 * 2048,
     backend: Annotated[str, typer.Option(help="onnxruntime, tensorrt or auto.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    threads: Annotated[int, typer.Option(help="CPU threads per inference (0 = library default).")] = 0,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="CPU threads for inference and preprocessing, 1 or more (default: every core, up to 16)."),
+    ] = None,
+    allow_cpu_fallback: Annotated[
+        bool, typer.Option(help="With --device cuda: warn and serve on the CPU when ONNX Runtime cannot use the GPU.")
+    ] = False,
+    ready_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write this file once every served model is loaded and ready (remove it when stopping): the "
+            "readiness signal for an exec probe (`test -f FILE`)."
+        ),
+    ] = None,
     overlap: Annotated[float, typer.Option(help="Sliding-window overlap for volumes larger than the patch.")] = 0.5,
     window_batch: Annotated[int, typer.Option(help="Encoder windows per inference call.")] = 1,
     init: Annotated[
@@ -95,6 +108,7 @@ def serve(
     regularisation: Annotated[
         float, typer.Option(help="Default refinement smoothness in [0, 1] (per request: 'regularisation').")
     ] = 0.3,
+    modality: Annotated[str, typer.Option(help=MODALITY_HELP)] = "auto",
     exit_timeout: Annotated[int, typer.Option(help="Seconds Triton waits for in-flight requests when stopping.")] = 10,
     log_file: Annotated[Path | None, typer.Option(help="Write Triton's log here instead of the console.")] = None,
     log_verbose: Annotated[int, typer.Option(help="Triton verbose log level (0 = off).")] = 0,
@@ -109,13 +123,17 @@ def serve(
 ) -> None:
     """Serve gvsl_embed and gvsl_register on a real Triton Inference Server (HTTP, gRPC, metrics).
 
-    Triton's own endpoints: /v2/health/live, /v2/health/ready, /v2/models/NAME/config,
-    metrics on --metrics-port. Ctrl-C or SIGTERM stops it cleanly (exit 0).
+    Triton's own endpoints: /v2/health/live, /v2/models/NAME/ready (readiness: true once
+    that model is loaded; Triton's /v2/health/ready turns true before the models are),
+    /v2/models/NAME/config, metrics on --metrics-port; --ready-file for all models at once.
+    Ctrl-C or SIGTERM stops it cleanly (exit 0).
     Call it with `gvsl embed --server URL`, `gvsl register --server URL` or
     gvsl.runtime.client.GvslClient.
     """
+    from gvsl.runtime.cpu_pool import check_threads
     from gvsl.runtime.serve import ServeOptions, serve
 
+    check_threads(threads)
     wanted = [m.strip() for m in models.split(",") if m.strip()]
     bad = [m for m in wanted if m not in MODEL_CHOICES]
     if bad or not wanted:
@@ -127,11 +145,18 @@ def serve(
             "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--models", models,
             "--instances", str(instances), "--max-batch", str(max_batch), "--queue-delay-us", str(queue_delay_us),
             "--max-request-mb", str(max_request_mb), "--max-voxels", str(max_voxels), "--backend", backend,
-            "--device", device, "--threads", str(threads), "--overlap", str(overlap),
-            "--window-batch", str(window_batch), "--init", init, "--exit-timeout", str(exit_timeout),
+            "--device", device, "--overlap", str(overlap),
+            "--window-batch", str(window_batch), "--init", init, "--modality", modality,
+            "--exit-timeout", str(exit_timeout),
             "--refine", str(refine), "--refine-levels", refine_levels, "--regularisation", str(regularisation),
             "--log-verbose", str(log_verbose),
         ]  # fmt: skip
+        if threads is not None:
+            argv += ["--threads", str(threads)]
+        if allow_cpu_fallback:
+            argv.append("--allow-cpu-fallback")
+        if ready_file is not None:
+            argv += ["--ready-file", str(ready_file.absolute())]
         if log_file is not None:
             argv += ["--log-file", str(log_file.absolute())]
         if quiet:
@@ -160,13 +185,16 @@ def serve(
         max_voxels=max_voxels,
         backend=backend,
         device=device,
-        threads=threads,
+        threads=threads or 0,
+        allow_cpu_fallback=allow_cpu_fallback,
+        ready_file=ready_file,
         overlap=overlap,
         window_batch=window_batch,
         init=init,
         refine=refine,
         refine_levels=tuple(float(v) for v in refine_levels.split(",")),
         regularisation=regularisation,
+        modality=None if modality == "model" else modality,
         exit_timeout=exit_timeout,
         log_verbose=log_verbose,
         log_file=log_path,

@@ -14,11 +14,13 @@ from gvsl.cli.app import app, err, parse_triple, progress_bar, user_errors
 @app.command()
 @user_errors
 def train(
-    data: Annotated[
-        list[str],
-        typer.Argument(help="NIfTI volumes: folders (searched recursively), files or glob patterns."),
-    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoints, metrics, final model.")],
+    data: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="NIfTI volumes: folders (searched recursively), files or glob patterns (optional with --synth)."
+        ),
+    ] = None,
     iterations: Annotated[int, typer.Option(help="Training iterations (the paper used 200,000).")] = 1000,
     batch_size: Annotated[int, typer.Option(help="Pairs per iteration (per process under torchrun).")] = 1,
     patch_size: Annotated[str, typer.Option(help="Crop size D,H,W or one number; multiples of 16.")] = "64",
@@ -40,8 +42,27 @@ def train(
     w_smooth: Annotated[float, typer.Option(help="Weight of the DVF smoothness loss.")] = 1.0,
     spacing: Annotated[str, typer.Option(help="Resample to this voxel size in mm (one or three), or 'native'.")] = "1",
     modality: Annotated[
-        str, typer.Option(help="Intensity normalisation: ct (HU window), mr (percentiles), none.")
-    ] = "ct",
+        str,
+        typer.Option(
+            help="Intensity normalisation: auto (CT or MR decided per volume from its values), ct (HU window), "
+            "mr (percentiles), none."
+        ),
+    ] = "auto",
+    synth: Annotated[
+        str | None,
+        typer.Option(
+            help="Also draw pairs on the fly from the label-map generator: a recipe JSON file, or the name of "
+            "one shipped with gvsl (default, default_v2; see gvsl/assets/recipes)."
+        ),
+    ] = None,
+    synth_ratio: Annotated[
+        float | None,
+        typer.Option(help="Share of pairs drawn from --synth, in [0, 1] (default 0.7 with DATA, 1 without)."),
+    ] = None,
+    synth_root: Annotated[
+        Path | None,
+        typer.Option(help="Folder the recipe's relative file names start from (default: the recipe's own root)."),
+    ] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint every K iterations.")] = 500,
     log_every: Annotated[int, typer.Option(help="Write a metrics row every K iterations.")] = 10,
     seed: Annotated[int, typer.Option(help="Seed of weights, data and augmentation.")] = 0,
@@ -80,6 +101,16 @@ def train(
     from gvsl.train import TrainConfig
     from gvsl.train import train as run_train
 
+    recipe = None
+    if synth is not None:
+        from gvsl.generator import load_recipe
+        from gvsl.synth_source import check_ratio
+
+        ratio = check_ratio((0.7 if data else 1.0) if synth_ratio is None else synth_ratio)
+        recipe = load_recipe(synth, root=synth_root)
+    elif synth_ratio is not None or synth_root is not None:
+        err.print("[bold red]error:[/] --synth-ratio and --synth-root need --synth RECIPE", soft_wrap=True)
+        raise typer.Exit(2)
     try:
         mcfg = ModelConfig.from_preset(widths)
         pcfg = PreprocessConfig(
@@ -90,7 +121,7 @@ def train(
             {**({"spatial": False} if no_augment else {}), **_key_values(augment or [], "--augment")}
         )
         cfg = TrainConfig(
-            data=[str(d) for d in data],
+            data=[str(d) for d in data or []],
             out=str(out),
             iterations=iterations,
             batch_size=batch_size,
@@ -112,6 +143,8 @@ def train(
             augment=acfg.to_dict(),
             skip_bad=skip_bad,
             cache_dir=str(cache_dir) if cache_dir else None,
+            synth=recipe,
+            synth_ratio=ratio if recipe is not None else 1.0,
         )
     except (ValueError, TypeError) as e:
         err.print(f"[bold red]error:[/] {e}", soft_wrap=True)

@@ -16,12 +16,12 @@ from typing import Any
 from gvsl import __version__
 from gvsl.export.errors import ExportError
 from gvsl.export.source import sha256_file
-from gvsl.runtime import artifact as A
+from gvsl.runtime import artifact
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "gvsl-export"
 #: metadata values that hold JSON (decoded by :func:`describe`)
-_JSON_KEYS = (A.META_MODEL, A.META_PREPROCESS, A.META_PATCH)
+_JSON_KEYS = (artifact.META_MODEL, artifact.META_PREPROCESS, artifact.META_PATCH)
 
 
 def new_manifest(source: Any, options: dict[str, Any]) -> dict[str, Any]:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +27,7 @@ import torch.nn as nn
 from gvsl import __version__
 from gvsl.export.errors import ExportError
 from gvsl.runtime import artifact as A
+from gvsl.runtime.atomic import atomic_write
 
 #: Warps for the registration graph: ``gather`` builds in TensorRT (and is the
 #: faster one in ONNX Runtime CPU too); ``grid_sample`` needs opset 20.
@@ -194,45 +193,44 @@ def export_graph(
     dynamic = {name: dict(_SPATIAL_AXES) for name in inputs}
     for name in outputs:
         dynamic[name] = {0: "batch"} if name in ("embedding", "affine") else dict(_SPATIAL_AXES)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, raw = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".raw.onnx")
-    os.close(fd)
-    fd, final = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".onnx")
-    os.close(fd)
+
+    def write(final: str) -> None:
+        raw = f"{final}.raw.onnx"  # the exporter's output before optimisation, beside the temporary file
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")  # TracerWarnings on shape checks, exporter deprecation notice
+                torch.onnx.export(
+                    graph,
+                    example,
+                    raw,
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=list(inputs),
+                    output_names=list(outputs),
+                    dynamic_axes=dynamic,
+                    do_constant_folding=True,
+                )
+            proto = onnx.load(raw)
+            if simplify:
+                proto = _ort_simplify(raw, final, proto)
+            proto.producer_name = "gvsl"
+            proto.producer_version = __version__
+            proto.doc_string = f"GVSL {kind} graph ({precision})"
+            del proto.metadata_props[:]
+            for k, v in metadata.items():
+                proto.metadata_props.add(key=k, value=str(v))
+            onnx.checker.check_model(proto)
+            onnx.save(proto, final)
+        finally:
+            Path(raw).unlink(missing_ok=True)
+
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # TracerWarnings on shape checks, exporter deprecation notice
-            torch.onnx.export(
-                graph,
-                example,
-                raw,
-                dynamo=False,
-                opset_version=opset,
-                input_names=list(inputs),
-                output_names=list(outputs),
-                dynamic_axes=dynamic,
-                do_constant_folding=True,
-            )
-        proto = onnx.load(raw)
-        if simplify:
-            proto = _ort_simplify(raw, final, proto)
-        proto.producer_name = "gvsl"
-        proto.producer_version = __version__
-        proto.doc_string = f"GVSL {kind} graph ({precision})"
-        del proto.metadata_props[:]
-        for k, v in metadata.items():
-            proto.metadata_props.add(key=k, value=str(v))
-        onnx.checker.check_model(proto)
-        onnx.save(proto, final)
-        os.replace(final, path)
+        atomic_write(path, write)
     except ExportError:
         raise
     except Exception as e:  # exporter / checker failures: report one line
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise ExportError(f"{path.name}: ONNX export failed ({type(e).__name__}: {first})") from e
-    finally:
-        for tmp in (raw, final):
-            Path(tmp).unlink(missing_ok=True)
     return path
 
 

@@ -9,7 +9,6 @@ written. Options are checked before any slow work starts.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -25,8 +24,14 @@ from gvsl.export.source import Source, load_source
 from gvsl.export.trt_check import check_tensorrt
 from gvsl.export.verify import DEFAULT_VERIFY_SHAPES, ParityResult, compare, raise_on_failure, reference, verify_onnx
 from gvsl.runtime import artifact as A
+from gvsl.runtime.atomic import published_mode
 
 FORMATS = ("onnx", "engine", "all")
+#: What ``gvsl export`` and ``gvsl info`` say about a registration graph with the identity affine.
+AFFINE_IDENTITY_NOTE = (
+    "registration uses the identity affine (the official release's affine head never trained); "
+    "the dvf is the deformable head's alone. `gvsl export --official-affine` applies the released head"
+)
 KINDS = (A.ENCODER, A.REGISTRATION)
 
 Progress = Callable[[str, int, int], None]  # (step label, steps done, steps total)
@@ -47,6 +52,7 @@ class ExportOptions:
     verify_data: tuple[str, ...] = ()
     simplify: bool = True
     widths: str | None = None
+    official_affine: bool = False  # official .pth: apply the released affine head instead of the identity
     # TensorRT
     min_shapes: tuple[str, ...] = ()
     opt_shapes: tuple[str, ...] = ()
@@ -153,11 +159,13 @@ def run_export(
         trt = TB.require_tensorrt()
         trt_info = {"tensorrt_version": str(trt.__version__), **TB.gpu_target()}
 
-    source = load_source(source_path, opt.widths)
+    source = load_source(source_path, opt.widths, opt.official_affine)
     if want_engine:
         profiles = TB.make_profiles(opt.min_shapes, opt.opt_shapes, opt.max_shapes, source.patch_size)
     if source.patch_size_from == "default":
         say(f"note: {source.path} records no training patch size; metadata says {list(source.patch_size)} (default)")
+    if source.config.affine_head == "identity":
+        say(f"note: {AFFINE_IDENTITY_NOTE}")
     volumes = _load_volumes(opt.verify_data, source) if opt.verify_data and opt.verify else []
 
     onnx_precisions = [p for p in opt.precisions if p in OX.ONNX_PRECISIONS] if want_onnx else []
@@ -330,13 +338,11 @@ def _export_refine(folder: Path, verify: bool) -> dict[str, Any]:
 def _commit(tmp: Path, dest: Path) -> None:
     """Move the finished folder into place; an existing ``dest`` (allowed by --force) is replaced.
 
-    Temporary files are created owner-only; the published tree gets the usual
-    umask-based permissions first.
+    Temporary folders are created owner-only; the published tree gets the usual
+    umask-based permissions first (:func:`published_mode`).
     """
-    umask = os.umask(0)
-    os.umask(umask)
     for p in [tmp, *tmp.rglob("*")]:
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+        p.chmod(published_mode(directory=p.is_dir()))
     old = None
     if dest.exists():
         old = dest.with_name(f".{dest.name}.old-{tmp.name.rsplit('-', 1)[-1]}")

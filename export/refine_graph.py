@@ -27,13 +27,14 @@ import torch.nn as nn
 
 from gvsl import __version__
 from gvsl.export.errors import ExportError
-from gvsl.refine import RefineSettings, RefineStep, local_cc, sample_clamped
+from gvsl.refine import AffineStep, RefineSettings, RefineStep, affine_locations, local_cc, sample_clamped
 from gvsl.runtime import artifact
 from gvsl.spatial import identity_grid
 
 __all__ = [
     "REFINE_ATOL",
     "RefineSimilarity",
+    "build_affine_model",
     "build_refine_model",
     "check_refine_tensorrt",
     "export_refine",
@@ -57,11 +58,11 @@ class RefineSimilarity(nn.Module):
         return local_cc(fixed, warped, self.radius).reshape(1)
 
 
-def refine_metadata(settings: RefineSettings) -> dict[str, str]:
-    """``metadata_props`` of a refine graph."""
+def refine_metadata(settings: RefineSettings, kind: str = artifact.REFINE) -> dict[str, str]:
+    """``metadata_props`` of a refine graph (``kind``: refine or refine_affine)."""
     return {
         artifact.META_FORMAT: artifact.FORMAT,
-        artifact.META_KIND: artifact.REFINE,
+        artifact.META_KIND: kind,
         artifact.META_VERSION: __version__,
         artifact.META_REFINE: json.dumps(settings.to_dict(), sort_keys=True),
         artifact.META_PRECISION: "fp32",
@@ -94,6 +95,108 @@ def _trace(module: nn.Module, example: tuple[torch.Tensor, ...], names: list[str
         Path(raw).unlink(missing_ok=True)
 
 
+def _as_loop_body(body: Any, carried: list[str], name: str) -> Any:
+    """Turn a traced step (inputs ``carried`` + outer-scope names, outputs the new carried values)
+    into an ONNX ``Loop`` body: ``(iteration, cond_in, *carried) -> (cond_out, *outputs)``; every
+    other input of the trace is read from the enclosing graph by name."""
+    from onnx import TensorProto, helper
+
+    graph = body.graph
+    by_name = {v.name: v for v in graph.input}
+    del graph.input[:]
+    graph.input.extend(
+        [
+            helper.make_tensor_value_info("iteration", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            *(by_name[c] for c in carried),
+        ]
+    )
+    graph.node.append(helper.make_node("Identity", ["cond_in"], ["cond_out"], name=f"{name}/cond"))
+    outputs = list(graph.output)
+    del graph.output[:]
+    graph.output.extend([helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), *outputs])
+    graph.name = name
+    return graph
+
+
+def _finish(model: Any, kind: str, settings: RefineSettings, doc: str) -> Any:
+    import onnx
+
+    model.producer_version = __version__
+    model.doc_string = doc
+    for key, value in refine_metadata(settings, kind).items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+class AffineSimilarity(nn.Module):
+    """Mean local CC of ``fixed`` and ``moving`` read through a centred voxel affine."""
+
+    def __init__(self, radius: int) -> None:
+        super().__init__()
+        self.radius = radius
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        sizes = [fixed.shape[2 + axis] for axis in range(3)]
+        warped = sample_clamped(moving, affine_locations(matrix, sizes))
+        return local_cc(fixed, warped, self.radius).reshape(1)
+
+
+def build_affine_model(settings: RefineSettings | None = None) -> Any:
+    """``refine_affine.onnx`` as a ModelProto: ``Loop`` over :class:`gvsl.refine.AffineStep`, then the CC.
+
+    Inputs ``fixed``, ``moving`` ``[1, 1, D, H, W]``, ``matrix`` ``[1, 3, 4]`` (centred voxel
+    affine, :func:`gvsl.refine.affine_locations`), ``iterations`` (int64 scalar), ``step``
+    (float ``[1]``, voxels); outputs ``matrix_refined`` and ``similarity``.
+    """
+    import onnx
+    import onnx.compose
+    from onnx import TensorProto, helper
+
+    settings = settings or RefineSettings()
+    shape = (1, 1, 12, 10, 11)
+    fixed, moving = torch.rand(*shape), torch.rand(*shape)
+    matrix = torch.eye(3, 4)[None]
+    body = _trace(
+        AffineStep(settings).eval(),
+        (fixed, moving, matrix, torch.tensor([0.5]), torch.tensor(0), torch.tensor(10)),
+        ["fixed", "moving", "matrix_in", "step", "iteration", "iterations"],
+        ["matrix_out"],
+    )
+    cc = _trace(AffineSimilarity(settings.radius).eval(), (fixed, moving, matrix), ["fixed", "moving", "m"], ["sim"])
+    body = onnx.compose.add_prefix(body, "step/", rename_inputs=False, rename_outputs=False)
+    cc = onnx.compose.add_prefix(cc, "similarity/", rename_inputs=False, rename_outputs=False)
+    body_graph = _as_loop_body(body, ["matrix_in"], "affine_step")
+    inputs = [
+        helper.make_tensor_value_info("fixed", TensorProto.FLOAT, [1, 1, "depth", "height", "width"]),
+        helper.make_tensor_value_info("moving", TensorProto.FLOAT, [1, 1, "depth", "height", "width"]),
+        helper.make_tensor_value_info("matrix", TensorProto.FLOAT, [1, 3, 4]),
+        helper.make_tensor_value_info("iterations", TensorProto.INT64, []),
+        helper.make_tensor_value_info("step", TensorProto.FLOAT, [1]),
+    ]
+    loop = helper.make_node("Loop", ["iterations", "", "matrix"], ["refined"], name="affine/loop", body=body_graph)
+    cc_graph = cc.graph
+    for node in cc_graph.node:
+        node.input[:] = ["refined" if i == "m" else i for i in node.input]
+    nodes = [loop, *cc_graph.node]
+    nodes.append(helper.make_node("Identity", ["refined"], ["matrix_refined"], name="affine/out"))
+    nodes.append(helper.make_node("Identity", [cc_graph.output[0].name], ["similarity"], name="affine/similarity"))
+    graph = helper.make_graph(
+        nodes,
+        "gvsl_refine_affine",
+        inputs,
+        [
+            helper.make_tensor_value_info("matrix_refined", TensorProto.FLOAT, [1, 3, 4]),
+            helper.make_tensor_value_info("similarity", TensorProto.FLOAT, [1]),
+        ],
+        initializer=list(cc_graph.initializer),
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="gvsl")
+    model.ir_version = min(body.ir_version, 8)
+    return _finish(model, artifact.REFINE_AFFINE, settings, "GVSL affine refinement graph: local-CC ascent")
+
+
 def build_refine_model(settings: RefineSettings | None = None) -> Any:
     """The refine graph as an ONNX ModelProto (``Loop`` over the traced step, then the CC)."""
     import onnx
@@ -105,31 +208,20 @@ def build_refine_model(settings: RefineSettings | None = None) -> Any:
     fixed, moving = torch.rand(*shape), torch.rand(*shape)
     dvf = torch.zeros(1, 3, *shape[2:])
     scalar = torch.tensor([0.5])
-    step_inputs = ["fixed", "moving", "dvf_in", "step", "regularisation"]
-    body = _trace(RefineStep(settings).eval(), (fixed, moving, dvf, scalar, scalar), step_inputs, ["dvf_out"])
+    step_inputs = ["fixed", "moving", "dvf_in", "step", "regularisation", "iteration", "reference_in"]
+    body = _trace(
+        RefineStep(settings).eval(),
+        (fixed, moving, dvf, scalar, scalar, torch.tensor(0), scalar),
+        step_inputs,
+        ["dvf_out", "reference_out"],
+    )
     cc = _trace(RefineSimilarity(settings.radius).eval(), (fixed, moving, dvf), ["fixed", "moving", "dvf"], ["sim"])
     # both traces name their intermediates alike; prefixes keep the joined graph in SSA form
     body = onnx.compose.add_prefix(body, "step/", rename_inputs=False, rename_outputs=False)
     cc = onnx.compose.add_prefix(cc, "similarity/", rename_inputs=False, rename_outputs=False)
 
-    # body: (iteration, cond_in, dvf_in) -> (cond_out, dvf_out); fixed/moving/step/regularisation
-    # come from the outer scope by name.
-    body_graph = body.graph
-    outer_names = {"fixed", "moving", "step", "regularisation"}
-    kept_inputs = [v for v in body_graph.input if v.name not in outer_names]
-    del body_graph.input[:]
-    body_graph.input.extend(
-        [
-            helper.make_tensor_value_info("iteration", TensorProto.INT64, []),
-            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-            *kept_inputs,
-        ]
-    )
-    body_graph.node.append(helper.make_node("Identity", ["cond_in"], ["cond_out"], name="refine/cond"))
-    outputs = list(body_graph.output)
-    del body_graph.output[:]
-    body_graph.output.extend([helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), *outputs])
-    body_graph.name = "refine_step"
+    # fixed/moving/step/regularisation come from the outer scope by name
+    body_graph = _as_loop_body(body, ["dvf_in", "reference_in"], "refine_step")
 
     inputs = [
         helper.make_tensor_value_info("fixed", TensorProto.FLOAT, [1, 1, "depth", "height", "width"]),
@@ -139,7 +231,14 @@ def build_refine_model(settings: RefineSettings | None = None) -> Any:
         helper.make_tensor_value_info("step", TensorProto.FLOAT, [1]),
         helper.make_tensor_value_info("regularisation", TensorProto.FLOAT, [1]),
     ]
-    loop = helper.make_node("Loop", ["iterations", "", "dvf"], ["refined"], name="refine/loop", body=body_graph)
+    loop = helper.make_node(
+        "Loop",
+        ["iterations", "", "dvf", "reference_init"],
+        ["refined", "reference"],
+        name="refine/loop",
+        body=body_graph,
+    )
+    reference_init = helper.make_tensor("reference_init", TensorProto.FLOAT, [1], [1.0])
     # the CC graph reads the refined field under the name "dvf" of its own trace: rename its input
     cc_graph = cc.graph
     for node in cc_graph.node:
@@ -156,25 +255,25 @@ def build_refine_model(settings: RefineSettings | None = None) -> Any:
             helper.make_tensor_value_info("dvf_refined", TensorProto.FLOAT, [1, 3, "depth", "height", "width"]),
             helper.make_tensor_value_info("similarity", TensorProto.FLOAT, [1]),
         ],
-        initializer=list(cc_graph.initializer),
+        initializer=[reference_init, *cc_graph.initializer],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="gvsl")
     model.ir_version = min(body.ir_version, 8)
-    model.producer_version = __version__
-    model.doc_string = "GVSL refinement graph: greedy diffeomorphic local-CC ascent (gvsl.refine)"
-    for key, value in refine_metadata(settings).items():
-        model.metadata_props.add(key=key, value=value)
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return _finish(
+        model, artifact.REFINE, settings, "GVSL refinement graph: greedy diffeomorphic local-CC ascent (gvsl.refine)"
+    )
 
 
-def export_refine(path: str | os.PathLike[str], settings: RefineSettings | None = None) -> Path:
-    """Write ``refine.onnx`` to ``path`` (atomically) and return the path."""
+def export_refine(
+    path: str | os.PathLike[str], settings: RefineSettings | None = None, kind: str = artifact.REFINE
+) -> Path:
+    """Write ``refine.onnx`` (or, for ``kind="refine_affine"``, ``refine_affine.onnx``) to ``path``
+    (atomically) and return the path."""
     from gvsl.runtime.io import atomic_write
 
     path = Path(path)
     try:
-        model = build_refine_model(settings)
+        model = build_affine_model(settings) if kind == artifact.REFINE_AFFINE else build_refine_model(settings)
     except Exception as e:  # exporter / checker failure: one line
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise ExportError(f"{path.name}: refine graph export failed ({type(e).__name__}: {first})") from e

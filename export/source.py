@@ -8,13 +8,13 @@ weights file, so an artifact can always be traced back to its weights.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gvsl.config import ConfigError, ModelConfig
+from gvsl.config import SIZE_MULTIPLE, ConfigError, ModelConfig
 from gvsl.export.errors import ExportError
+from gvsl.runtime.backends.base import file_sha256
 from gvsl.runtime.preprocess import PreprocessConfig
 
 #: Patch size recorded when the source does not say (official checkpoints, old models).
@@ -38,13 +38,8 @@ class Source:
     path: Path  # what the user gave
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks (engines and weights can be GBs)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+#: Hex sha256 of a file, read in 1 MiB pieces (engines and weights can be GBs): the runtime's one helper.
+sha256_file = file_sha256
 
 
 def resolve_weights(path: Path) -> tuple[Path, str]:
@@ -73,11 +68,13 @@ def resolve_weights(path: Path) -> tuple[Path, str]:
     )
 
 
-def load_source(path: str | Path, widths: str | None = None) -> Source:
+def load_source(path: str | Path, widths: str | None = None, official_affine: bool = False) -> Source:
     """Load SOURCE for export. ``widths`` (preset or nine numbers) only matters for
     ``.pth`` files, which carry no configuration; for gvsl models it must agree
-    with ``model.json``."""
-    from gvsl.io import WeightsError, load_model, load_official
+    with ``model.json``. An official ``.pth`` gets the authors' preprocessing and
+    the identity affine in registration, unless ``official_affine`` asks for the
+    released (untrained) affine head."""
+    from gvsl.io import WeightsError, load_model, load_official, official_metadata
 
     path = Path(path)
     target, kind = resolve_weights(path)
@@ -88,9 +85,14 @@ def load_source(path: str | Path, widths: str | None = None) -> Source:
     meta: dict[str, Any] = {}
     try:
         if kind == "official-pth":
-            model = load_official(target, config=cfg_override)
+            model = load_official(target, config=cfg_override, affine_head="trained" if official_affine else "identity")
+            meta = official_metadata(model)
             weights = target
         else:
+            if official_affine:
+                raise ExportError(
+                    f"{path}: --official-affine is for official .pth checkpoints; drop it for gvsl models"
+                )
             model, meta = load_model(target)
             weights = target / "model.safetensors" if target.is_dir() else target
             if cfg_override is not None and cfg_override.widths != model.config.widths:
@@ -111,7 +113,7 @@ def load_source(path: str | Path, widths: str | None = None) -> Source:
     if patch is not None:
         try:
             patch_t = tuple(int(p) for p in patch)
-            if len(patch_t) != 3 or any(p <= 0 or p % 16 for p in patch_t):
+            if len(patch_t) != 3 or any(p <= 0 or p % SIZE_MULTIPLE for p in patch_t):
                 raise ValueError
         except (TypeError, ValueError):
             raise ExportError(

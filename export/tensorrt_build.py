@@ -2,18 +2,18 @@
 
 Engines are specific to the GPU model (compute capability) and the TensorRT
 version that built them, so both go into the file name and the manifest.
-fp32 and fp16 engines are *strongly typed*: TensorRT follows the graph's own
-types, so an fp16 engine is built from the fp16 ONNX, where only the networks
-are fp16 and the warp geometry stays fp32 (and TF32 is switched off for
-fp32, which would break 1e-4 parity). bf16 has no valid ONNX form (ONNX's
-InstanceNormalization has no bf16), so bf16 engines use TensorRT 10's
-``BuilderFlag.BF16`` on the fp32 graph with the geometry layers pinned to fp32.
+The engine itself is built by the runtime's builder
+(:mod:`gvsl.runtime.backends.engine_builder`, the one both export and the
+TensorRT backend use): fp32 and fp16 engines strongly typed (an fp16 engine
+from the fp16 ONNX), TF32 off for fp32, bf16 (no valid ONNX form: ONNX's
+InstanceNormalization has no bf16) through ``BuilderFlag.BF16`` on the fp32
+graph with the geometry pinned to fp32, and a timing cache. This module adds
+export's side: profiles from the command line, engine names, the GPU target.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +23,8 @@ import numpy as np
 
 from gvsl.config import SIZE_MULTIPLE
 from gvsl.export.errors import ExportError
-from gvsl.runtime.backends import pin_geometry_fp32
+from gvsl.runtime.backends.engine_builder import EngineBuildError, build_serialized_engine
+from gvsl.runtime.io import atomic_write
 
 INSTALL_HINT = (
     "install TensorRT 10 on a machine with an NVIDIA GPU (pip install tensorrt, or gvsl's gpu extra), "
@@ -65,7 +66,7 @@ def make_profiles(
     forms profile i); none given: batch 1..``max_batch``, 16^3..patch, optimised for one patch."""
     if not (mins or opts or maxs):
         p = tuple(int(s) for s in patch)
-        return [Profile((1, 16, 16, 16), (1, *p), (max_batch, *p))]  # type: ignore[arg-type]
+        return [Profile((1, *(SIZE_MULTIPLE,) * 3), (1, *p), (max_batch, *p))]  # type: ignore[arg-type]
     if not (len(mins) == len(opts) == len(maxs)):
         raise ExportError(
             f"give --min-shape, --opt-shape and --max-shape the same number of times "
@@ -118,18 +119,6 @@ def default_timing_cache(sm: str, trt_version: str) -> Path:
     return base / f"tensorrt-{sm}-trt{trt_version}.timing"
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_engine(
     onnx_path: str | Path,
     engine_path: str | Path,
@@ -144,48 +133,21 @@ def build_engine(
     trt = require_tensorrt()
     if precision not in ("fp32", "fp16", "bf16"):
         raise ExportError(f"engine precision must be fp32, fp16 or bf16, got {precision!r}")
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    strongly = precision != "bf16"
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly else 0
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errs = "; ".join(str(parser.get_error(i)) for i in range(min(parser.num_errors, 3)))
-        raise ExportError(f"{Path(onnx_path).name}: TensorRT could not parse it: {errs}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
-        config.clear_flag(trt.BuilderFlag.TF32)
-    if precision == "bf16":
-        if not hasattr(trt.BuilderFlag, "BF16"):
-            raise ExportError(
-                f"TensorRT {trt.__version__} has no BF16 builder flag (strongly typed only): use --precision fp16"
-            )
-        config.set_flag(trt.BuilderFlag.BF16)
-        config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
-        pin_geometry_fp32(trt, network)
+    inputs = _graph_inputs(onnx_path)
     cache_path = Path(timing_cache) if timing_cache else None
-    cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=True)
-    inputs = [network.get_input(i).name for i in range(network.num_inputs)]
-    for prof in profiles:
-        p = builder.create_optimization_profile()
-        for name in inputs:
-            p.set_shape(name, _nc(prof.min), _nc(prof.opt), _nc(prof.max))
-        config.add_optimization_profile(p)
-    if log:
-        log(f"building {Path(engine_path).name} (TensorRT {trt.__version__}, {precision}); this takes minutes")
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise ExportError(
-            f"{Path(engine_path).name}: TensorRT failed to build the engine (see its log above); "
-            "try a larger --workspace or smaller --max-shape"
+    try:
+        data, strongly = build_serialized_engine(
+            onnx_path,
+            precision=precision,
+            graph_precision="fp16" if precision == "fp16" else "fp32",
+            profiles=[{name: (_nc(p.min), _nc(p.opt), _nc(p.max)) for name in inputs} for p in profiles],
+            workspace_gib=workspace_gib,
+            timing_cache=cache_path,
+            log=log,
         )
-    _atomic_bytes(Path(engine_path), bytes(serialized))
-    if cache_path is not None:
-        _atomic_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
+    except EngineBuildError as e:
+        raise ExportError(f"{Path(engine_path).name}: {e}") from None
+    atomic_write(Path(engine_path), lambda tmp: Path(tmp).write_bytes(data))
     return {
         "tensorrt_version": str(trt.__version__),
         "profiles": [p.to_dict() for p in profiles],
@@ -193,6 +155,15 @@ def build_engine(
         "strongly_typed": strongly,
         "timing_cache": str(cache_path) if cache_path else None,
     }
+
+
+def _graph_inputs(onnx_path: str | Path) -> list[str]:
+    """Names of the graph's inputs (initializers excluded), read without the weights."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    return [i.name for i in graph.input if i.name not in weights]
 
 
 def _nc(shape: Shape4) -> tuple[int, int, int, int, int]:

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from gvsl.export.errors import ExportError
-from gvsl.runtime import artifact as A
+from gvsl.runtime import artifact
 
 BACKENDS = ("onnxruntime", "tensorrt")
-MODEL_NAMES = {A.ENCODER: "gvsl_encoder", A.REGISTRATION: "gvsl_registration"}
+MODEL_NAMES = {artifact.ENCODER: "gvsl_encoder", artifact.REGISTRATION: "gvsl_registration"}
 _FILES = {"onnxruntime": "model.onnx", "tensorrt": "model.plan"}
 
 
@@ -37,7 +37,7 @@ def io_dims(
 ) -> tuple[list[tuple[str, list[int]]], list[tuple[str, list[int]]]]:
     """(inputs, outputs) as (name, dims without batch) with ``-1`` for spatial sizes."""
     vol = [1, -1, -1, -1]
-    if kind == A.ENCODER:
+    if kind == artifact.ENCODER:
         outs = [("embedding", [config.embedding_dim])]
         if dense:
             outs.append(("features", [config.feature_dim, -1, -1, -1]))

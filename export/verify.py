@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from gvsl.export.errors import ExportError
-from gvsl.runtime import artifact as A
+from gvsl.runtime import artifact
 
 FP32_RTOL = 1e-4
 LOW_COSINE = 0.999
@@ -89,7 +89,7 @@ def reference(model: Any, kind: str, inputs: Sequence[np.ndarray], dense: bool =
     """PyTorch float32 outputs of graph ``kind`` (default ``grid_sample`` warp)."""
     xs = [torch.from_numpy(np.ascontiguousarray(x)) for x in inputs]
     with torch.no_grad():
-        if kind == A.ENCODER:
+        if kind == artifact.ENCODER:
             glob, local = model.encode(xs[0])
             outs = [glob.mean(dim=(2, 3, 4))] + ([local] if dense else [])
         else:
@@ -100,7 +100,7 @@ def reference(model: Any, kind: str, inputs: Sequence[np.ndarray], dense: bool =
 def random_inputs(kind: str, shape: Sequence[int], seed: int = 0) -> list[np.ndarray]:
     """Uniform [0, 1) volumes (the range preprocessing produces) for each graph input."""
     rng = np.random.default_rng(seed)
-    n_in = len(A.ENCODER_INPUTS if kind == A.ENCODER else A.REGISTRATION_INPUTS)
+    n_in = len(artifact.ENCODER_INPUTS if kind == artifact.ENCODER else artifact.REGISTRATION_INPUTS)
     return [rng.random((shape[0], 1, *shape[1:]), dtype=np.float32) for _ in range(n_in)]
 
 
@@ -108,7 +108,7 @@ def volume_inputs(kind: str, volumes: Sequence[np.ndarray], spatial: Sequence[in
     """Real preprocessed volumes, centre-cropped/padded to ``spatial``; registration pairs
     volume i with volume i+1 (a single volume is paired with itself shifted by 3 voxels)."""
     crops = [_fit(v, spatial) for v in volumes]
-    if kind == A.ENCODER:
+    if kind == artifact.ENCODER:
         return [np.stack(crops)[:, None]]
     moving = crops[1:] + crops[:1] if len(crops) > 1 else [np.roll(crops[0], (3, -2, 1), axis=(0, 1, 2))]
     return [np.stack(crops)[:, None], np.stack(moving)[:, None]]

@@ -3,9 +3,9 @@
 The authors' pipeline (GVSL_SPEC.md §4) runs per sample in NumPy/SciPy on
 the host: Models Genesis damage with Python loops over 5000 blocks, and an
 elastic field smoothed by a full-resolution Gaussian of radius 4σ (≥ 40
-voxels) per axis, which dominates its cost (benchmarks/train_step.py keeps a
-re-implementation and times both). Here every step is a handful of batched
-torch ops on the device that holds the data, driven by one
+voxels) per axis, which dominates its cost (``gvsl.cli.bench.official`` keeps a
+re-implementation; ``gvsl bench --train`` and benchmarks/train_step.py time
+both). Here every step is a handful of batched torch ops on the device that holds the data, driven by one
 ``torch.Generator`` (so a seed reproduces a run on that device), with no
 NumPy and no per-voxel or per-block Python loop:
 
@@ -148,22 +148,25 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 # -- spatial ---------------------------------------------------------------
 def random_affine(
     n: int, shape: Sequence[int], cfg: AugmentConfig, gen: torch.Generator,
-    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, convention: str = "official",
 ) -> torch.Tensor:
-    """``[n, 3, 4]`` affines in the official convention (the affine head's), one per sample.
+    """``[n, 3, 4]`` affines in ``convention`` (the affine head's, see
+    :func:`gvsl.spatial.affine_to_voxel`), one per sample.
 
-    Translation: :func:`gvsl.spatial.affine_to_voxel` divides row ``i``'s
-    raw entry by ``shape[i]`` and then reads it in normalised coordinates
-    (span 2 over the axis), so a voxel shift ``f * size`` along the axis of
-    row ``i`` (W, H, D) needs raw ``t_i = 2 f shape[i]``; the size quirk
-    cancels. (The release passed ``f * shape[i]``: ±5 % of the size.)
+    Translation: a voxel shift ``f * size`` along the axis of row ``i``
+    (W, H, D). ``"centered"`` takes it in voxels. ``"official"`` divides row
+    ``i``'s raw entry by ``shape[i]`` and then reads it in normalised
+    coordinates (span 2 over the axis), so it needs raw ``t_i = 2 f
+    shape[i]``; the size quirk cancels. (The release passed ``f * shape[i]``:
+    ±5 % of the size.) On a cube both conventions give the same map.
     """
     device = torch.device(device)
     rot = _uniform(gen, (n, 3), cfg.rotation, device, dtype)
     scl = _uniform(gen, (n, 3), cfg.scale, device, dtype)
     shr = _uniform(gen, (n, 6), cfg.shear, device, dtype)
     frac = _uniform(gen, (n, 3), cfg.translation, device, dtype)
-    trans = 2.0 * frac * torch.tensor([float(s) for s in shape], device=device, dtype=dtype)
+    sizes = torch.tensor([float(s) for s in shape], device=device, dtype=dtype)  # (D, H, W)
+    trans = frac * sizes.flip(0) if convention == "centered" else 2.0 * frac * sizes
     return affine_from_params(rot, scl, trans, shr)
 
 
@@ -279,9 +282,13 @@ def random_elastic(
 
 def spatial_locations(
     n: int, shape: Sequence[int], cfg: AugmentConfig, gen: torch.Generator,
-    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, convention: str = "official",
 ) -> torch.Tensor:
     """Sampling positions ``[n, 3, D, H, W]`` (voxels) of one random spatial draw per sample.
+
+    ``convention`` is how the random affine is read (the model's
+    ``affine_convention``): ``"centered"`` rotates rigidly on any grid,
+    ``"official"`` shears on a non-cubic one.
 
     Composition as the release (affine warp, then elastic warp of the
     result): ``out(p) = in(A (p + u(p)) + b)``, i.e. the elastic field ``u``
@@ -294,7 +301,7 @@ def spatial_locations(
     """
     shape = [int(s) for s in shape]
     device = torch.device(device)
-    vox = affine_to_voxel(random_affine(n, shape, cfg, gen, device, dtype), shape)
+    vox = affine_to_voxel(random_affine(n, shape, cfg, gen, device, dtype, convention), shape, convention)
     if not cfg.elastic:
         return voxel_affine_locations(vox, shape)
     field, step = _elastic_coarse(n, shape, cfg, gen, device, dtype)
@@ -314,14 +321,16 @@ def spatial_locations(
 
 
 def spatial_transform(
-    vols: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, mode: str = "bilinear"
+    vols: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, mode: str = "bilinear",
+    convention: str = "official",
 ) -> torch.Tensor:
     """Warp ``vols [N, C, D, H, W]`` with one random affine + elastic draw per sample.
 
     All C channels share their sample's draw: stack the volumes that must
     move together (x1 and x2, as the spec asks) as channels. Trilinear, zero
     outside; no clamping (the output stays within the input's range and 0).
-    Returns a new tensor with the input's dtype and device.
+    Returns a new tensor with the input's dtype and device. ``convention``:
+    see :func:`spatial_locations`.
     """
     if vols.ndim != 5:
         raise ValueError(f"expected [N, C, D, H, W], got {tuple(vols.shape)}")
@@ -329,7 +338,7 @@ def spatial_transform(
         return vols.clone()
     _check_gen(gen, vols.device)
     wd = _work_dtype(vols.dtype)
-    locs = spatial_locations(vols.shape[0], vols.shape[2:], cfg, gen, vols.device, wd)
+    locs = spatial_locations(vols.shape[0], vols.shape[2:], cfg, gen, vols.device, wd, convention)
     return sample(vols.to(wd), locs, mode=mode).to(vols.dtype)
 
 
@@ -531,11 +540,13 @@ class Augmenter:
     applied to the warped x1, so damaged and clean views stay aligned voxel
     for voxel, with one interpolation of two channels instead of three. With
     ``cfg.damage_before_spatial`` it follows the release's order (damage x1,
-    then warp x1, x1', x2 together).
+    then warp x1, x1', x2 together). ``affine_convention`` is the model's
+    (:func:`spatial_locations`).
     """
 
-    def __init__(self, cfg: AugmentConfig | None = None) -> None:
+    def __init__(self, cfg: AugmentConfig | None = None, affine_convention: str = "official") -> None:
         self.cfg = cfg or AugmentConfig()
+        self.affine_convention = affine_convention
 
     def __call__(
         self, x1: torch.Tensor, x2: torch.Tensor, gen: torch.Generator
@@ -545,9 +556,9 @@ class Augmenter:
         c = x1.shape[1]
         if self.cfg.damage_before_spatial:
             damaged = appearance_damage(x1, self.cfg, gen)
-            out = spatial_transform(torch.cat([x1, damaged, x2], 1), self.cfg, gen)
+            out = spatial_transform(torch.cat([x1, damaged, x2], 1), self.cfg, gen, convention=self.affine_convention)
             x1a, x1d, x2a = out.split(c, dim=1)
             return x1a, x1d, x2a
-        out = spatial_transform(torch.cat([x1, x2], 1), self.cfg, gen)
+        out = spatial_transform(torch.cat([x1, x2], 1), self.cfg, gen, convention=self.affine_convention)
         x1a, x2a = out.split(c, dim=1)
         return x1a, appearance_damage(x1a, self.cfg, gen), x2a

@@ -11,6 +11,9 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from gvsl.runtime import windows
+from gvsl.runtime.geometry import AFFINE_CONVENTIONS, LEGACY_AFFINE_CONVENTION, check_affine_convention
+
 #: Official GVSL widths: encoder 32..512, decoder 256..32.
 DEFAULT_WIDTHS: tuple[int, ...] = (32, 64, 128, 256, 512, 256, 128, 64, 32)
 
@@ -29,8 +32,13 @@ HEAD_PRESETS: dict[str, tuple[int, int, int]] = {
     "tiny": (32, 8, 8),
 }
 
-#: Four 2x poolings: every spatial size the network sees is a multiple of this.
-SIZE_MULTIPLE = 16
+#: Four 2x poolings: every spatial size the network sees is a multiple of this (defined once, in the runtime).
+SIZE_MULTIPLE = windows.SIZE_MULTIPLE
+
+#: What registration does with the affine head (``ModelConfig.affine_head``):
+#: ``trained`` uses its output; ``identity`` replaces it by the identity, for
+#: weights whose affine head never learnt (the official release, GVSL_SPEC §5).
+AFFINE_HEADS: tuple[str, ...] = ("trained", "identity")
 
 
 class ConfigError(ValueError):
@@ -45,16 +53,34 @@ class ModelConfig:
     ``affine_width`` / ``deform_width`` / ``restore_width`` are the hidden
     widths of the affine, deformable and restoration heads (official: 256, 16,
     16). Every width must be a multiple of 8 because GroupNorm uses width/8
-    groups (restoration: width/4).
+    groups (restoration: width/4). ``affine_head`` (one of :data:`AFFINE_HEADS`)
+    says whether registration applies the affine head or the identity; training
+    always runs the head.
+
+    ``affine_convention`` says how the affine head's ``[M | t]`` is read
+    (:func:`gvsl.spatial.affine_to_voxel`): ``"centered"`` (new models) about
+    the grid centre in voxels, the same transform on any grid shape;
+    ``"official"`` the authors' normalised-coordinate quirk, under which a
+    rotation shears on a non-cubic grid (official checkpoints need it). A
+    description without the key (exported before the choice existed) reads
+    as ``"official"``.
     """
 
     widths: tuple[int, ...] = DEFAULT_WIDTHS
     in_channels: int = 1
+    affine_head: str = "trained"
     affine_width: int = 256
     deform_width: int = 16
     restore_width: int = 16
+    affine_convention: str = "centered"
 
     def __post_init__(self) -> None:
+        if self.affine_head not in AFFINE_HEADS:
+            raise ConfigError(f"affine_head must be one of {', '.join(AFFINE_HEADS)}, got {self.affine_head!r}")
+        try:
+            check_affine_convention(self.affine_convention)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         widths = tuple(int(w) for w in self.widths)
         object.__setattr__(self, "widths", widths)
         if len(widths) != 9:
@@ -117,6 +143,7 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
         d = dict(d)
+        d.setdefault("affine_convention", LEGACY_AFFINE_CONVENTION)  # written before the field existed
         if "widths" in d:
             d["widths"] = tuple(d["widths"])
         return cls(**d)
@@ -142,6 +169,8 @@ class LossWeights:
 
 
 __all__ = [
+    "AFFINE_HEADS",
+    "AFFINE_CONVENTIONS",
     "ConfigError",
     "DEFAULT_WIDTHS",
     "HEAD_PRESETS",

@@ -3,11 +3,14 @@
 Our own format is ``model.safetensors`` plus ``model.json`` (model config and
 preprocessing) side by side: the JSON rebuilds the network, the safetensors
 file fills it, and nothing executes on load. Official ``.pth`` checkpoints are
-read with ``torch.load(weights_only=True)``, which refuses pickled code.
+read with ``torch.load(weights_only=True)``, which refuses pickled code; an
+official import records the authors' preprocessing (:data:`OFFICIAL_PREPROCESS`)
+and registers with the identity instead of the release's untrained affine head.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -17,19 +20,28 @@ import torch
 from gvsl import __version__
 from gvsl.config import ConfigError, ModelConfig
 from gvsl.model import GVSL
-from gvsl.runtime.io import atomic_write  # the one temp-then-rename writer (torch-free)
+from gvsl.runtime.atomic import atomic_write, save_text  # the one temp-then-rename writer (torch-free)
+from gvsl.runtime.preprocess import PreprocessConfig
 
 __all__ = [
+    "OFFICIAL_PREPROCESS",
     "WeightsError",
     "atomic_write",
     "extract_state_dict",
     "load_model",
     "load_official",
+    "official_metadata",
     "save_model",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "model.json"
+
+#: Preprocessing of the authors' pipeline, as closely as it is known (README, "Official
+#: weights"): volumes read as stored (SimpleITK's z, y, x array order, no reorientation),
+#: at their own spacing, stored values clipped to [0, 2048] and divided by 2048 -- which is
+#: the CT window -1024..1024 HU when the stored values are HU + 1024.
+OFFICIAL_PREPROCESS = PreprocessConfig(spacing=None, modality="ct", ct_window=(-1024.0, 1024.0), canonical=False)
 
 
 class WeightsError(ValueError):
@@ -52,9 +64,7 @@ def save_model(
     }
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     atomic_write(out_dir / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"gvsl": json.dumps(meta)}))
-    atomic_write(
-        out_dir / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    )
+    save_text(out_dir / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
     return out_dir
 
 
@@ -83,7 +93,8 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     if not path.exists():
         raise WeightsError(f"{path}: no such file or folder; give a gvsl model folder, .safetensors or .pth")
     if path.is_file() and path.suffix in {".pth", ".pt", ".ckpt"}:
-        return load_official(path, map_location=map_location), {"model": ModelConfig().to_dict(), "preprocess": {}}
+        model = load_official(path, map_location=map_location)
+        return model, official_metadata(model)
     weights = path / WEIGHTS_NAME if path.is_dir() else path
     if not weights.is_file():
         raise WeightsError(f"{path}: no {WEIGHTS_NAME} inside; train with `gvsl train` or give a .pth")
@@ -142,10 +153,26 @@ def _load_checked(model: GVSL, state: dict[str, torch.Tensor], source: Path) -> 
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
 
 
+def official_metadata(model: GVSL) -> dict[str, Any]:
+    """What is recorded about an official checkpoint's import (the ``model.json`` it lacks)."""
+    return {"model": model.config.to_dict(), "preprocess": OFFICIAL_PREPROCESS.to_dict()}
+
+
 def load_official(
-    path: str | Path, config: ModelConfig | None = None, map_location: str | torch.device = "cpu"
+    path: str | Path,
+    config: ModelConfig | None = None,
+    map_location: str | torch.device = "cpu",
+    affine_head: str = "identity",
 ) -> GVSL:
-    """Load an authors' ``GVSL_epoch_*.pth`` (``weights_only=True``: no code runs)."""
+    """Load an authors' ``GVSL_epoch_*.pth`` (``weights_only=True``: no code runs).
+
+    ``affine_head`` is ``identity`` by default: the release's affine head never
+    received gradients (GVSL_SPEC §5), so registration uses the identity affine
+    and the deformable head alone; ``trained`` applies the head as released.
+    Only registration is affected: ``forward`` and ``match`` still run the head.
+    The model reads its affine in the ``"official"`` convention whatever
+    ``config`` says: the authors trained the head with that quirk.
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such checkpoint file")
@@ -161,6 +188,10 @@ def load_official(
         state = extract_state_dict(obj)
     except WeightsError as e:
         raise WeightsError(f"{path}: {e}") from None
-    model = GVSL(config or ModelConfig())
+    try:
+        config = dataclasses.replace(config or ModelConfig(), affine_head=affine_head, affine_convention="official")
+    except ConfigError as e:
+        raise WeightsError(f"{path}: {e}") from None
+    model = GVSL(config)
     _load_checked(model, state, path)
     return model.to(map_location)

@@ -120,7 +120,7 @@ class GVSLOutput:
 
     restored: torch.Tensor  # R(f^l_A)            [N, 1, D, H, W]
     warped: torch.Tensor  # B warped onto A       [N, 1, D, H, W]
-    affine: torch.Tensor  # psi^g, official conv. [N, 3, 4]
+    affine: torch.Tensor  # psi^g [N, 3, 4], in config.affine_convention
     local_dvf: torch.Tensor  # psi^l, voxels       [N, 3, D, H, W]
 
 
@@ -163,7 +163,8 @@ class GVSL(nn.Module):
         return self.res_conv(f_local)
 
     def affine_head(self, fg_moving: torch.Tensor, fg_fixed: torch.Tensor) -> torch.Tensor:
-        """Affine psi^g ``[N, 3, 4]`` from global features (moving first, as the release)."""
+        """Affine psi^g ``[N, 3, 4]`` from global features (moving first, as the release),
+        read in ``config.affine_convention`` (:func:`gvsl.spatial.affine_to_voxel`)."""
         h = self.f_conv(torch.cat([fg_moving, fg_fixed], dim=1)).mean(dim=(2, 3, 4))
         rot = torch.clamp(self.fc_rot(h), -1, 1) * ROT_RANGE
         scl = torch.clamp(self.fc_scl(h), -1, 1) * SCALE_RANGE + 1
@@ -174,15 +175,18 @@ class GVSL(nn.Module):
         self,
         fl_moving: torch.Tensor,
         fl_fixed: torch.Tensor,
-        affine: torch.Tensor,
+        affine: torch.Tensor | None,
         sampler: str = "grid_sample",
     ) -> torch.Tensor:
         """Local DVF psi^l (voxels) from affinely aligned local features.
 
         ``sampler`` (see :data:`gvsl.spatial.SAMPLERS`) only changes how the
         warp is computed: ``"gather"`` makes the graph TensorRT-buildable.
+        ``affine=None`` is the identity: the features are used as they are.
         """
-        aligned = affine_warp(fl_moving, affine, sampler=sampler)
+        aligned = fl_moving if affine is None else affine_warp(
+            fl_moving, affine, sampler=sampler, convention=self.config.affine_convention
+        )
         return self.out_flow(self.sp_conv(torch.cat([aligned, fl_fixed], dim=1)))
 
     def match(
@@ -203,13 +207,22 @@ class GVSL(nn.Module):
         fa = self.encode(fixed)
         fb = self.encode(moving)
         affine, local = self.match(fa, fb)
-        warped = dvf_warp(affine_warp(moving, affine), local)
+        warped = dvf_warp(affine_warp(moving, affine, convention=self.config.affine_convention), local)
         return GVSLOutput(self.restore(fa[1]), warped, affine, local)
 
     def register(
         self, fixed: torch.Tensor, moving: torch.Tensor, sampler: str = "grid_sample"
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Inference registration: (affine, fused DVF in voxels, moving warped once by it)."""
-        affine, local = self.match(self.encode(fixed), self.encode(moving), sampler=sampler)
-        fused = compose_affine_dvf(affine, local)
+        """Inference registration: (affine, fused DVF in voxels, moving warped once by it).
+
+        With ``config.affine_head == "identity"`` the affine is the identity and
+        the fused DVF is the deformable head's alone.
+        """
+        fixed_feats, moving_feats = self.encode(fixed), self.encode(moving)
+        if self.config.affine_head == "identity":
+            affine = torch.eye(3, 4, dtype=fixed.dtype, device=fixed.device).expand(fixed.shape[0], 3, 4)
+            fused = self.deform_head(moving_feats[1], fixed_feats[1], None, sampler=sampler)
+        else:
+            affine, local = self.match(fixed_feats, moving_feats, sampler=sampler)
+            fused = compose_affine_dvf(affine, local, self.config.affine_convention)
         return affine, fused, dvf_warp(moving, fused, sampler=sampler)

@@ -291,11 +291,11 @@ def _evaluate(net: Any, head: Any, cases: Sequence[Case], num_classes: int, devi
 def _seg_loss(logits: Any, target: Any, num_classes: int) -> Any:
     """Cross-entropy + soft Dice over foreground classes (logits ``[N, C, ...]``)."""
     import torch
-    import torch.nn.functional as F
+    import torch.nn.functional as functional
 
-    ce = F.cross_entropy(logits, target)
+    ce = functional.cross_entropy(logits, target)
     prob = logits.softmax(1)
-    onehot = F.one_hot(target, num_classes).movedim(-1, 1).to(prob.dtype)
+    onehot = functional.one_hot(target, num_classes).movedim(-1, 1).to(prob.dtype)
     dims = tuple(d for d in range(prob.ndim) if d != 1)
     inter = (prob * onehot).sum(dims)
     den = prob.sum(dims) + onehot.sum(dims)
@@ -443,7 +443,8 @@ def save_downstream(
 ) -> Path:
     """Write ``model.safetensors`` + ``model.json`` (exportable with ``gvsl export``),
     ``head.npz`` and ``metrics.json``; returns the folder."""
-    from gvsl.io import atomic_write, save_model
+    from gvsl.io import save_model
+    from gvsl.runtime.io import save_npz, save_text
 
     out = Path(out)
     save_model(
@@ -454,13 +455,12 @@ def save_downstream(
     )
     names = list(class_names) if class_names else [str(i) for i in range(result.weight.shape[0])]
 
-    def write_head(p: str) -> None:
-        with open(p, "wb") as f:
-            np.savez(
-                f, weight=result.weight.astype(np.float32), bias=result.bias.astype(np.float32), classes=np.array(names)
-            )
-
-    atomic_write(out / "head.npz", write_head)
+    save_npz(
+        out / "head.npz",
+        weight=result.weight.astype(np.float32),
+        bias=result.bias.astype(np.float32),
+        classes=np.array(names),
+    )
     payload = {
         "mode": result.mode,
         "source": meta.get("source"),
@@ -472,7 +472,5 @@ def save_downstream(
         "seconds": result.seconds,
         "config": result.config,
     }
-    atomic_write(
-        out / "metrics.json", lambda p: Path(p).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    )
+    save_text(out / "metrics.json", json.dumps(payload, indent=2) + "\n")
     return out

@@ -4,8 +4,8 @@ The one module every part of gvsl warps with (model heads, augmentation,
 export). Everything reduces to a single primitive, :func:`sample`, which reads
 a volume at voxel positions with one of two interchangeable samplers:
 ``"grid_sample"`` (PyTorch's kernel, the default) or ``"gather"`` (8-neighbour
-gathers, the same numbers; TensorRT has no 5-D GridSample, so exported
-registration graphs use this one).
+row gathers on the channels-last volume with int32 indices, the same numbers;
+TensorRT has no 5-D GridSample, so exported registration graphs use this one).
 
 Every function here is export-friendly: while ``torch.onnx.export`` traces,
 spatial sizes arrive as 0-d tensors and are kept as tensors, so the graph
@@ -16,13 +16,18 @@ Conventions (see GVSL_SPEC.md §3):
 
 * tensors are ``[N, C, D, H, W]``; a voxel position is ``(d, h, w)``;
   displacement channel ``a`` moves along array axis ``a`` in voxels;
-* the affine head's matrix ``mat = [M | t]`` acts, like the official code, on
-  PyTorch's normalised coordinates ``(x=W, y=H, z=D)`` with
-  ``align_corners=False``, after the translation of row ``i`` is divided by
-  spatial size ``i`` taken in (D, H, W) order (a quirk kept for checkpoint
-  parity; moot for cubes). :func:`affine_to_voxel` turns it into an
-  equivalent matrix on voxel indices, so affine and deformable warps share
-  one sampler;
+* the affine head's matrix ``mat = [M | t]`` acts on positions in
+  ``(x=W, y=H, z=D)`` order, read in one of two conventions
+  (:data:`AFFINE_CONVENTIONS`, ``ModelConfig.affine_convention``):
+  ``"centered"`` (new models) about the grid centre ``(size - 1) / 2`` in
+  voxels, ``t`` in voxels, so the same matrix is the same transform on any
+  grid shape; ``"official"``, like the authors' code, on PyTorch's normalised
+  coordinates with ``align_corners=False``, after the translation of row
+  ``i`` is divided by spatial size ``i`` taken in (D, H, W) order (kept for
+  checkpoint parity; on a non-cubic grid a rotation shears and a shift's
+  size depends on the axis). On a cube the two agree once ``t`` is halved.
+  :func:`affine_to_voxel` turns either into an equivalent matrix on voxel
+  indices, so affine and deformable warps share one sampler;
 * displacement fields are applied in voxel units with ``align_corners=True``
   semantics (voxel ``i`` sits at normalised ``2 i / (n - 1) - 1``): a zero
   field is an exact identity. The official code normalises this way but calls
@@ -38,9 +43,16 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from gvsl.runtime.geometry import dvf_mm_to_voxel, dvf_voxel_to_mm, voxel_spacing
+from gvsl.runtime.geometry import (
+    AFFINE_CONVENTIONS,
+    check_affine_convention,
+    dvf_mm_to_voxel,
+    dvf_voxel_to_mm,
+    voxel_spacing,
+)
 
 __all__ = [
+    "AFFINE_CONVENTIONS",
     "affine_from_params",
     "affine_to_voxel",
     "affine_warp",
@@ -123,13 +135,23 @@ def sample(
     return F.grid_sample(src, grid, mode=mode, padding_mode="zeros", align_corners=align_corners)
 
 
+#: Largest ``N * D * H * W`` the int32 flat indices of the gather sampler address
+#: (eager mode falls back to int64 beyond it; a traced graph is int32 throughout).
+_INT32_VOXELS = 2**31 - 1
+
+
 def _gather_sample(src: torch.Tensor, locs: torch.Tensor, mode: str, align_corners: bool) -> torch.Tensor:
-    """:func:`sample` from elementwise ops and 8 ``gather`` calls (ONNX GatherElements).
+    """:func:`sample` from elementwise ops and 8 row gathers (ONNX Gather, axis 0).
 
     Same semantics as ``grid_sample`` with zero padding: each of the 8
-    neighbours (1 for nearest) outside the volume contributes zero. Index
-    arithmetic clamps in float (TensorRT has no integer Clip) and forms the
-    flat index in int64, exact for any volume size.
+    neighbours (1 for nearest) outside the volume contributes zero. The
+    volume is read channels-last as rows ``[N * V, C]`` (one copy of ``src``),
+    so each corner's flat index is one int32 per sampled point, ``[N * P]``,
+    and a gather fetches all C channels of a row at once: no index tensor
+    grows with the channels (the earlier GatherElements form expanded int64
+    indices to ``[N, C, P]`` per corner). Clamping happens in float (TensorRT
+    has no integer Clip); the flat index is formed in integers, exact for any
+    volume (int32 while ``N * V`` fits, as always in exported graphs).
     """
     if mode not in ("bilinear", "nearest"):
         raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}")
@@ -141,32 +163,51 @@ def _gather_sample(src: torch.Tensor, locs: torch.Tensor, mode: str, align_corne
         pts = pts * (size / (size - 1.0).clamp(min=1.0)) - 0.5
     if pts.shape[0] != n:
         pts = pts.expand(n, 3, pts.shape[2])
-    flat = src.reshape(n, c, -1)  # [N, C, V]
-    hi = size - 1.0
+    traced = _traced(shape)
     h, w = shape[1], shape[2]
+    voxels = h * w * shape[0]
+    index_dtype = torch.int32
+    if not traced and int(n) * int(voxels) > _INT32_VOXELS:
+        index_dtype = torch.int64
+    rows = src.reshape(n, c, -1).transpose(1, 2).reshape(-1, c)  # [N * V, C], channels last
+    batch_offset = (torch.arange(n, device=src.device) * voxels).to(index_dtype).view(-1, 1)  # [N, 1]
+    hi = size - 1.0
     if mode == "nearest":
         base, frac = torch.round(pts), None
-        corners: tuple[tuple[int, int, int], ...] = ((0, 0, 0),)
+        steps: tuple[int, ...] = (0,)
     else:
         base = torch.floor(pts)
         frac = pts - base
-        corners = tuple((a, b, e) for a in (0, 1) for b in (0, 1) for e in (0, 1))
+        steps = (0, 1)
+    # per axis and step: clamped integer coordinate times the axis stride, and in-volume mask
+    strides = (h * w, w, 1)
+    terms: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+    for axis in range(3):
+        per_step = []
+        for step in steps:
+            coord = base[:, axis] + float(step)  # [N, P], integral floats
+            ok = (coord >= 0.0) & (coord <= hi[:, axis])
+            clamped = torch.minimum(coord.clamp(min=0.0), hi[:, axis]).to(index_dtype)
+            stride = strides[axis]
+            if isinstance(stride, torch.Tensor):
+                stride = stride.to(index_dtype)
+            per_step.append((clamped * stride if axis < 2 else clamped, ok))
+        terms.append(per_step)
     out = None
-    for corner in corners:
-        offset = torch.tensor(corner, dtype=pts.dtype, device=pts.device).view(1, 3, 1)
-        idx = base + offset  # [N, 3, P] neighbour indices (float, integral)
-        ok = (idx >= 0.0) & (idx <= hi)
-        weight = (ok[:, 0] & ok[:, 1] & ok[:, 2]).to(src.dtype)  # zero padding, [N, P]
-        if frac is not None:
-            for axis, step in enumerate(corner):
-                weight = weight * (frac[:, axis] if step else 1.0 - frac[:, axis])
-        ci = torch.minimum(idx.clamp(min=0.0), hi).to(torch.int64)
-        lin = (ci[:, 0] * h + ci[:, 1]) * w + ci[:, 2]  # [N, P] flat index into D*H*W
-        vals = torch.gather(flat, 2, lin.unsqueeze(1).expand(n, c, lin.shape[1]))
-        term = vals * weight.unsqueeze(1)
-        out = term if out is None else out + term
+    for sd in steps:
+        for sh in steps:
+            for sw in steps:
+                (ld, okd), (lh, okh), (lw, okw) = terms[0][sd], terms[1][sh], terms[2][sw]
+                weight = (okd & okh & okw).to(src.dtype)  # zero padding, [N, P]
+                if frac is not None:
+                    for axis, step in enumerate((sd, sh, sw)):
+                        weight = weight * (frac[:, axis] if step else 1.0 - frac[:, axis])
+                lin = (ld + lh + lw + batch_offset).reshape(-1)  # [N * P] rows of `rows`
+                vals = rows.index_select(0, lin)  # [N * P, C]
+                term = vals * weight.reshape(-1, 1)
+                out = term if out is None else out + term
     assert out is not None
-    return out.reshape(n, c, *locs.shape[2:])
+    return out.reshape(n, -1, c).transpose(1, 2).reshape(n, c, *locs.shape[2:])
 
 
 def affine_from_params(
@@ -198,16 +239,25 @@ def affine_from_params(
     return torch.cat([m, trans.unsqueeze(-1)], dim=-1)
 
 
-def affine_to_voxel(mat: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Official ``[N, 3, 4]`` affine -> the same map on voxel indices ``(d, h, w)``.
+def affine_to_voxel(mat: torch.Tensor, shape: Sequence[int], convention: str = "official") -> torch.Tensor:
+    """Affine head ``[N, 3, 4]`` in ``convention`` -> the same map on voxel indices ``(d, h, w)``.
 
     Output voxel ``p`` reads input voxel ``A p + b`` (``[N, 3, 4] = [A | b]``).
-    Derivation: with ``align_corners=False`` a voxel index ``w`` sits at
-    normalised ``(2 w + 1) / W - 1``; the official translation of row ``i`` is
-    divided by ``shape[i]`` (D, H, W order) before ``affine_grid``.
+    ``"centered"``: ``q -> M (q - c) + c + t`` on voxel positions ``q`` in
+    (x, y, z) order about the centre ``c = (size - 1) / 2``. ``"official"``:
+    with ``align_corners=False`` a voxel index ``w`` sits at normalised
+    ``(2 w + 1) / W - 1``; the translation of row ``i`` is divided by
+    ``shape[i]`` (D, H, W order) before ``affine_grid``. The NumPy twin is
+    :func:`gvsl.runtime.geometry.network_affine_to_voxel`.
     """
+    check_affine_convention(convention)
     dt, dev = mat.dtype, mat.device
     lin, t = mat[:, :, :3], mat[:, :, 3]
+    if convention == "centered":
+        a_vox = lin.flip(1).flip(2)
+        centre = (_size_vector(shape, dt, dev) - 1.0) / 2.0  # (D, H, W)
+        b_vox = centre - a_vox @ centre + t.flip(1)
+        return torch.cat([a_vox, b_vox.unsqueeze(-1)], dim=-1)
     if _traced(shape):  # keep the sizes in the graph (dynamic spatial export)
         dhw = _size_vector(shape, dt, dev)
         t = t / dhw  # the size quirk
@@ -234,11 +284,16 @@ def voxel_affine_locations(vox_mat: torch.Tensor, shape: Sequence[int]) -> torch
 
 
 def affine_warp(
-    src: torch.Tensor, mat: torch.Tensor, mode: str = "bilinear", sampler: str = "grid_sample"
+    src: torch.Tensor,
+    mat: torch.Tensor,
+    mode: str = "bilinear",
+    sampler: str = "grid_sample",
+    convention: str = "official",
 ) -> torch.Tensor:
-    """Warp ``src`` with an official-convention affine ``[N, 3, 4]`` (the affine head)."""
+    """Warp ``src`` with the affine head's ``[N, 3, 4]``, read in ``convention``."""
     shape = src.shape[2:]
-    return sample(src, voxel_affine_locations(affine_to_voxel(mat, shape), shape), mode=mode, sampler=sampler)
+    vox = affine_to_voxel(mat, shape, convention)
+    return sample(src, voxel_affine_locations(vox, shape), mode=mode, sampler=sampler)
 
 
 def dvf_warp(
@@ -253,16 +308,16 @@ def dvf_warp(
     return sample(src, grid + dvf, mode=mode, align_corners=align_corners, sampler=sampler)
 
 
-def compose_affine_dvf(mat: torch.Tensor, dvf: torch.Tensor) -> torch.Tensor:
+def compose_affine_dvf(mat: torch.Tensor, dvf: torch.Tensor, convention: str = "official") -> torch.Tensor:
     """Fused displacement ``psi(p) = T(p + dvf(p)) - p`` in voxels.
 
-    ``T`` is the affine head's map; the local field acts first, in the fixed
+    ``T`` is the affine head's map (read in ``convention``); the local field acts first, in the fixed
     image's grid (GVSL supplement). ``dvf_warp(moving, fused)`` equals
     ``dvf_warp(affine_warp(moving, mat), dvf)`` up to interpolation, with a
     single resampling.
     """
     shape = dvf.shape[2:]
-    vox = affine_to_voxel(mat, shape)
+    vox = affine_to_voxel(mat, shape, convention)
     grid = identity_grid(shape, dvf.device, dvf.dtype)
     q = (grid + dvf).flatten(2)
     mapped = vox[:, :, :3] @ q + vox[:, :, 3:]

@@ -36,6 +36,7 @@ from gvsl.data import PairDataset, VolumeCache, list_volumes, make_batch, scan_v
 from gvsl.io import atomic_write, save_model
 from gvsl.losses import GVSLLoss
 from gvsl.model import GVSL
+from gvsl.runtime.atomic import save_text
 from gvsl.runtime.errors import GvslInputError
 from gvsl.runtime.preprocess import PreprocessConfig
 
@@ -57,6 +58,8 @@ class TrainConfig:
     affine_width: int = 256
     deform_width: int = 16
     restore_width: int = 16
+    # how the affine head's matrix is read (gvsl.config.ModelConfig.affine_convention)
+    affine_convention: str = "centered"
     lr: float = 1e-4
     loss: dict[str, float] = field(default_factory=lambda: LossWeights().to_dict())
     checkpoint_every: int = 500
@@ -72,6 +75,10 @@ class TrainConfig:
     # memory format for the network and its inputs; torch.compile of the model
     channels_last: bool = False
     compile: bool = False
+    # on-the-fly synthetic pairs (gvsl/synth_source.py): the loaded recipe (absolute paths) and
+    # the share of pairs drawn from it; None trains on ``data`` only
+    synth: dict[str, Any] | None = None
+    synth_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
@@ -88,6 +95,17 @@ class TrainConfig:
         PreprocessConfig.from_dict(self.preprocess)
         AugmentConfig.from_dict(self.augment)
         LossWeights(**self.loss)
+        if self.synth is not None:
+            from gvsl.synth_source import check_ratio
+
+            check_ratio(self.synth_ratio)
+            if not self.data and self.synth_ratio < 1:
+                raise GvslInputError(
+                    f"--synth-ratio {self.synth_ratio}: part of the pairs should be real volumes but no DATA was "
+                    "given; pass DATA or --synth-ratio 1"
+                )
+        elif not self.data:
+            raise GvslInputError("no input volumes given; pass DATA (folders, files, globs) or --synth RECIPE")
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(
@@ -95,6 +113,7 @@ class TrainConfig:
             affine_width=self.affine_width,
             deform_width=self.deform_width,
             restore_width=self.restore_width,
+            affine_convention=self.affine_convention,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,7 +123,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        return cls(**d)
+        """A saved run config; one saved before ``affine_convention`` existed trained with the quirk."""
+        return cls(**{"affine_convention": "official", **d})
 
 
 @dataclass
@@ -129,18 +149,32 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def process_group_backend(device: torch.device) -> str:
+    """The backend of the run's process group: ``cpu:gloo,cuda:nccl`` on GPUs, ``gloo`` on CPU.
+
+    DDP's gradient all-reduce works on CUDA tensors and goes through NCCL; the
+    run's own collectives (stop and finite flags, barriers, the gather of each
+    rank's random state for the checkpoint) hold CPU data, which an NCCL-only
+    group rejects, so they go through gloo in the same group.
+    """
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 class _Distributed:
-    """Rank/world bookkeeping; a no-op outside ``torchrun``."""
+    """Rank/world bookkeeping and every collective of the loop; a no-op outside ``torchrun``.
+
+    The loop calls ``torch.distributed`` only through this class, so the
+    devices its collectives use are decided here (:func:`process_group_backend`).
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.enabled = self.world > 1
         if self.enabled and not dist.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
             if device.type == "cuda":
                 torch.cuda.set_device(device)
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=process_group_backend(device))
 
     @property
     def main(self) -> bool:
@@ -151,6 +185,7 @@ class _Distributed:
             dist.barrier()
 
     def gather(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank, in rank order, on every rank."""
         if not self.enabled:
             return [obj]
         out: list[Any] = [None] * self.world
@@ -161,9 +196,9 @@ class _Distributed:
         """True on every rank when ``flag`` is true on any rank (Ctrl-C on one rank stops all)."""
         if not self.enabled:
             return flag
-        t = torch.tensor([1.0 if flag else 0.0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+        votes = torch.tensor([1.0 if flag else 0.0], device="cpu")  # CPU data: gloo carries it
+        dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+        return bool(votes.item() > 0)
 
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
@@ -257,7 +292,7 @@ def _train(
     log: Callable[[str], None],
 ) -> TrainResult:
     pre = PreprocessConfig.from_dict(cfg.preprocess)
-    files = list_volumes(cfg.data)
+    files = list_volumes(cfg.data) if cfg.data else []
     cache = VolumeCache(Path(cfg.cache_dir) if cfg.cache_dir else out / "cache")
     # rank 0 fills the cache first so other ranks only read it
     if ddp.main:
@@ -267,13 +302,11 @@ def _train(
         good, bad = scan_volumes(files, pre, cache, skip_bad=cfg.skip_bad)
     good, too_small = _check_sizes(good, pre, cache, cfg.patch_size, cfg.skip_bad)
     bad = list(bad) + too_small
-    if not good:
+    if files and not good:
         raise GvslInputError(f"{', '.join(cfg.data)}: no usable volume left (all {len(bad)} were bad)")
     if ddp.main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(
-            out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg.to_dict(), indent=2), encoding="utf-8")
-        )
+        save_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
         for path, why in bad:
             log(f"skipped {path}: {why}")
 
@@ -284,9 +317,17 @@ def _train(
     optim = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     amp_dtype = _amp_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    dataset = PairDataset.from_cache(
-        good, pre, cache, cfg.patch_size, seed=cfg.seed, rank=ddp.rank, world_size=ddp.world
+    dataset = (
+        PairDataset.from_cache(good, pre, cache, cfg.patch_size, seed=cfg.seed, rank=ddp.rank, world_size=ddp.world)
+        if good
+        else None
     )
+    if cfg.synth is not None:  # on-the-fly synthetic pairs, mixed with the real ones
+        from gvsl.synth_source import SynthPairSource
+
+        dataset = SynthPairSource.from_recipe(
+            cfg.synth, cfg.synth_ratio, dataset, pre, cfg.patch_size, seed=cfg.seed, rank=ddp.rank
+        )
     aug_gen = torch.Generator(device=device)
     aug_gen.manual_seed(cfg.seed * 1000 + ddp.rank)
     step = 0
@@ -314,9 +355,27 @@ def _train(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     criterion = GVSLLoss(LossWeights(**cfg.loss))
-    augmenter = Augmenter(AugmentConfig.from_dict(cfg.augment))
+    augmenter = Augmenter(AugmentConfig.from_dict(cfg.augment), affine_convention=cfg.affine_convention)
+    rank_losses: list[float] = []  # every rank's loss, filled at a step where one was not finite
+
+    def any_rank_nonfinite(loss: torch.Tensor) -> bool:
+        # every rank votes before any backward: all skip the update and stop together
+        value = float(loss.detach())
+        if not ddp.any(not math.isfinite(value)):
+            return False
+        rank_losses[:] = ddp.gather(value)
+        return True
+
     train_step = make_train_step(
-        net, optim, criterion, augmenter, amp_dtype, scaler, channels_last=cfg.channels_last, compile=cfg.compile
+        net,
+        optim,
+        criterion,
+        augmenter,
+        amp_dtype,
+        scaler,
+        channels_last=cfg.channels_last,
+        compile=cfg.compile,
+        skip_update=any_rank_nonfinite,
     )
     batches = _batches(iter(dataset), cfg.batch_size, device)
     metrics_path = out / "metrics.csv"
@@ -358,13 +417,12 @@ def _train(
                 break
             x1, x2 = next(batches)
             terms = train_step(x1, x2, aug_gen)
+            if rank_losses:
+                save_checkpoint()  # the model as it was before this step: the update was skipped
+                ddp.barrier()  # all ranks leave together, after rank 0 has written it
+                raise GvslInputError(_nonfinite_message(out, step + 1, rank_losses))
             step += 1
             window_n += 1
-            if not math.isfinite(float(terms.total.detach())):
-                save_checkpoint()
-                raise GvslInputError(
-                    f"{out}: loss became {float(terms.total)} at step {step}; lower --lr or check the data"
-                )
             if ddp.main and (step % cfg.log_every == 0 or step == cfg.iterations or step == 1):
                 now = time.perf_counter()
                 last = {**terms.as_floats(), "lr": optim.param_groups[0]["lr"]}
@@ -391,7 +449,12 @@ def _train(
                 preprocess=pre.to_dict(),
                 extra={
                     "patch_size": list(cfg.patch_size),
-                    "train": {"steps": step, "data": [str(p) for p in good], "final": last},
+                    "train": {
+                        "steps": step,
+                        "data": [str(p) for p in good],
+                        "final": last,
+                        **({"synth": cfg.synth, "synth_ratio": cfg.synth_ratio} if cfg.synth is not None else {}),
+                    },
                 },
             )
     return TrainResult(step, interrupted, model_dir, last, [(str(p), w) for p, w in bad])
@@ -406,6 +469,7 @@ def make_train_step(
     scaler: torch.amp.GradScaler,
     channels_last: bool = False,
     compile: bool = False,
+    skip_update: Callable[[torch.Tensor], bool] | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Generator], Any]:
     """One optimisation step ``(x1, x2, generator) -> loss terms``: augmentation on the
     batch's device, forward + loss under autocast, backward, optimiser step.
@@ -415,6 +479,9 @@ def make_train_step(
     channels-last-3d inputs (the model must have been converted too), which
     lets cuDNN / oneDNN pick their NDHWC kernels; ``compile`` wraps the network
     in ``torch.compile`` (first steps compile; each new input shape recompiles).
+    ``skip_update(loss)`` is asked after the forward pass; when it answers True
+    the step ends there, with no backward pass and no parameter update (the
+    training loop uses it to stop on a non-finite loss with the weights intact).
     """
     model = torch.compile(net) if compile else net
 
@@ -428,6 +495,8 @@ def make_train_step(
         with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             o = model(x1d, x2a)
             terms = criterion(x1a, o.warped, o.restored, o.local_dvf)
+        if skip_update is not None and skip_update(terms.total):
+            return terms
         optim.zero_grad(set_to_none=True)
         scaler.scale(terms.total).backward()
         scaler.step(optim)
@@ -435,6 +504,16 @@ def make_train_step(
         return terms
 
     return step
+
+
+def _nonfinite_message(out: Path, step: int, rank_losses: list[float]) -> str:
+    """One line: which rank's loss was not finite at ``step``, where the last finite state is, what to do."""
+    bad = [(rank, loss) for rank, loss in enumerate(rank_losses) if not math.isfinite(loss)]
+    where = "" if len(rank_losses) == 1 else " on " + ", ".join(f"rank {rank}" for rank, _ in bad)
+    return (
+        f"{out}: loss became {bad[0][1]}{where} at step {step}; the weights before it (step {step - 1}) are in "
+        f"{_checkpoint_path(out)} (continue with --resume); if it recurs, use a lower --lr or check the data"
+    )
 
 
 def _amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:

@@ -1,8 +1,10 @@
 """gvsl.runtime: torch-free preprocessing and inference.
 
 Imported by inference servers that have only numpy, scipy, nibabel and ONNX
-Runtime / TensorRT, so no module in this package may import torch (the torch
-backend imports it only when chosen). ``Embedder`` and ``Registrar`` are
+Runtime / TensorRT, so no module in this package imports torch or gvsl core,
+not even lazily (tests/test_backends.py checks every import statement). The
+torch backend is core's ``gvsl.torch_backend``, which registers itself with
+this package's backend registry when imported. ``Embedder`` and ``Registrar`` are
 imported lazily: ``import gvsl.runtime`` stays as light as preprocessing.
 """
 
@@ -16,6 +18,7 @@ _LAZY = {
     "Embedding": ".embed",
     "Registrar": ".register",
     "Registration": ".register",
+    "RefineOptions": ".refine",
     "load_backend": ".backends",
     "read_volume": ".io",
     "save_displacement_field": ".io",
@@ -35,6 +38,7 @@ __all__ = [
     "Embedding",
     "GvslInputError",
     "PreprocessConfig",
+    "RefineOptions",
     "Registrar",
     "Registration",
     "Volume",

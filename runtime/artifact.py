@@ -13,6 +13,7 @@ FORMAT = "gvsl-onnx"
 ENCODER = "encoder"
 REGISTRATION = "registration"
 REFINE = "refine"
+REFINE_AFFINE = "refine_affine"
 
 #: encoder graph: image [N,1,D,H,W] -> embedding [N,C], features [N,F,D,H,W] (optional)
 ENCODER_INPUTS = ("image",)
@@ -27,6 +28,10 @@ REGISTRATION_OUTPUTS = ("affine", "dvf", "warped")
 #: iterations (int64 scalar), step, regularisation (float [1]) -> dvf_refined [1,3,D,H,W], similarity [1]
 REFINE_INPUTS = ("fixed", "moving", "dvf", "iterations", "step", "regularisation")
 REFINE_OUTPUTS = ("dvf_refined", "similarity")
+#: affine refine graph: fixed, moving [1,1,D,H,W], matrix [1,3,4] (centred voxel affine: p -> c + M (p - c) + t),
+#: iterations (int64 scalar), step (float [1]) -> matrix_refined [1,3,4], similarity [1]
+REFINE_AFFINE_INPUTS = ("fixed", "moving", "matrix", "iterations", "step")
+REFINE_AFFINE_OUTPUTS = ("matrix_refined", "similarity")
 
 #: metadata_props keys (values are strings; JSON where structured)
 META_FORMAT = "gvsl.format"  # FORMAT

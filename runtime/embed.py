@@ -30,7 +30,6 @@ and the backends' ``run`` is thread-safe.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,16 +38,15 @@ from typing import Any
 
 import numpy as np
 
-from . import artifact as A
+from . import artifact, cpu_pool
 from .backends import Backend, ModelInfo, load_backend
 from .errors import GvslInputError
 from .io import DEFAULT_MAX_VOXELS, VolumeLike, read_volume
-from .preprocess import Volume, load_preprocessed, pad_to_multiple, preprocess, unpad
+from .preprocess import PreprocessConfig, Volume, load_preprocessed, pad_to_multiple, preprocess, unpad, with_modality
 from .warp import resample_to_grid
+from .windows import SIZE_MULTIPLE, gaussian_weight, window_slices, window_starts
 
 __all__ = ["Embedder", "Embedding", "gaussian_weight", "window_starts"]
-
-SIZE_MULTIPLE = 16
 
 
 @dataclass
@@ -66,27 +64,8 @@ class Embedding:
     source: str
     windows: int
     model_shape: tuple[int, int, int]
-
-
-def window_starts(size: int, window: int, overlap: float) -> list[int]:
-    """Start offsets of windows of ``window`` voxels covering ``size`` voxels with at
-    least ``overlap`` fractional overlap; first at 0, last flush with the end."""
-    if size <= window:
-        return [0]
-    stride = max(1, int(window * (1.0 - overlap)))
-    n = math.ceil((size - window) / stride) + 1
-    return sorted({int(round(x)) for x in np.linspace(0, size - window, n)})
-
-
-def gaussian_weight(shape: Sequence[int], sigma_scale: float = 0.125) -> np.ndarray:
-    """Separable Gaussian blending weight, 1 at the centre, floored at 1e-3 so edges count."""
-    axes = []
-    for n in shape:
-        x = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
-        s = max(n * sigma_scale, 1e-6)
-        axes.append(np.exp(-0.5 * (x / s) ** 2))
-    w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
-    return np.maximum(w / w.max(), 1e-3).astype(np.float32)
+    #: how the volume was normalised ("ct" / "mr" / "none"): what ``--modality auto`` decided
+    modality: str | None = None
 
 
 class Embedder:
@@ -96,8 +75,11 @@ class Embedder:
     trained model folder / ``.pth`` (torch). ``backend``: auto, onnxruntime,
     tensorrt, torch; ``device``: auto, cpu, cuda, cuda:N. ``overlap`` of
     sliding windows (0 <= overlap < 1), ``window_batch`` windows per call,
-    ``max_voxels`` per input volume. Extra keywords go to the backend
-    (``threads``, ``cache_dir``, ``max_contexts`` ...).
+    ``max_voxels`` per input volume. ``modality`` overrides the model's
+    normalisation (auto, ct, mr, none; None keeps the model's). Extra keywords go
+    to the backend (``threads``, ``cache_dir``, ``max_contexts``, ``allow_cpu_fallback`` ...);
+    ``threads`` (>= 1; 0 or None = every core up to 16) also sizes the
+    process's one CPU pool for preprocessing (:mod:`gvsl.runtime.cpu_pool`).
     """
 
     def __init__(
@@ -109,21 +91,28 @@ class Embedder:
         overlap: float = 0.5,
         window_batch: int = 1,
         max_voxels: int | None = DEFAULT_MAX_VOXELS,
+        modality: str | None = None,
         **backend_options: Any,
     ) -> None:
         if not 0.0 <= overlap < 1.0:
             raise GvslInputError(f"overlap must be in [0, 1), got {overlap}")
         if window_batch < 1:
             raise GvslInputError(f"window_batch must be >= 1, got {window_batch}")
+        if backend_options.get("threads") is not None:
+            cpu_pool.set_threads(backend_options["threads"])
         if isinstance(model, Backend):
             self.backend = model
         else:
-            self.backend = load_backend(model, A.ENCODER, backend, device, max_batch=window_batch, **backend_options)
-        if self.backend.info.kind != A.ENCODER:
+            self.backend = load_backend(
+                model, artifact.ENCODER, backend, device, max_batch=window_batch, **backend_options
+            )
+        if self.backend.info.kind != artifact.ENCODER:
             raise GvslInputError(f"{self.backend.info.path}: not an encoder graph", self.backend.info.path)
         self.overlap = float(overlap)
         self.window_batch = int(window_batch)
         self.max_voxels = max_voxels
+        #: the preprocessing this embedder applies: the model's, with ``modality`` if given
+        self.preprocess: PreprocessConfig = with_modality(self.info.preprocess, modality)
 
     @property
     def info(self) -> ModelInfo:
@@ -150,21 +139,13 @@ class Embedder:
         # integer files stay integer and are converted while they are resampled; a NIfTI
         # file is inflated and resampled at once (load_preprocessed)
         if isinstance(x, str | os.PathLike) and Path(x).is_file():
-            return load_preprocessed(x, self.info.preprocess, max_voxels=self.max_voxels)
+            return load_preprocessed(x, self.preprocess, max_voxels=self.max_voxels)
         vol = read_volume(x, max_voxels=self.max_voxels, keep_dtype=True)
-        return vol, preprocess(vol, self.info.preprocess)
+        return vol, preprocess(vol, self.preprocess)
 
     def windows(self, shape: Sequence[int]) -> tuple[tuple[int, int, int], list[tuple[slice, slice, slice]]]:
         """(window size, window slices) for a padded volume of ``shape``."""
-        win = tuple(min(int(p), int(s)) for p, s in zip(self.info.patch_size, shape, strict=True))
-        starts = [window_starts(int(s), w, self.overlap) for s, w in zip(shape, win, strict=True)]
-        slices = [
-            (slice(a, a + win[0]), slice(b, b + win[1]), slice(c, c + win[2]))
-            for a in starts[0]
-            for b in starts[1]
-            for c in starts[2]
-        ]
-        return win, slices  # type: ignore[return-value]
+        return window_slices(shape, self.info.patch_size, self.overlap)
 
     def _batches(self, padded: np.ndarray, slices: list) -> Iterator[tuple[list, np.ndarray]]:
         for k in range(0, len(slices), self.window_batch):
@@ -231,4 +212,5 @@ class Embedder:
             source=vol.source,
             windows=len(slices),
             model_shape=tuple(int(s) for s in pre.data.shape),  # type: ignore[arg-type]
+            modality=pre.modality,
         )

@@ -6,7 +6,7 @@ affine)`` pair or a :class:`Volume`; all go through the same validation as
 training (``gvsl.runtime.preprocess``), so a bad input is one
 :class:`GvslInputError` naming it. Every writer goes to a temporary file in
 the destination folder and renames it, so a crash or a concurrent reader
-never sees half a file.
+never sees half a file, and every file gets the user's umask (see ``atomic``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from __future__ import annotations
 import glob
 import io
 import os
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from .atomic import atomic_write, save_text
 from .dicom import is_dicom_folder, load_dicom_series
 from .errors import GvslInputError
 from .preprocess import Volume, _check_voxels, _has_volume_suffix, load_volume, volume_from_array
@@ -38,6 +38,7 @@ __all__ = [
     "save_displacement_field",
     "save_npy",
     "save_npz",
+    "save_text",
     "save_vector_nifti",
 ]
 
@@ -185,23 +186,6 @@ def list_inputs(specs: Iterable[str | os.PathLike[str]]) -> tuple[list[InputItem
 
 
 # ----------------------------------------------------------------------------- writers
-def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
-    """``write(tmp)`` then rename onto ``path`` (same folder, so the rename is atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    name = path.name
-    suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_npy(path: str | os.PathLike[str], array: np.ndarray) -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +24,14 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
+from .atomic import atomic_write
+from .cpu_pool import run_pieces
 from .errors import GvslInputError
 
 #: File endings nibabel reads as single volumes we accept (.hdr/.img = Analyze/NIfTI pair).
 VOLUME_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz", ".mgz", ".mgh", ".img", ".hdr")
 
-MODALITIES: tuple[str, ...] = ("ct", "mr", "none")
+MODALITIES: tuple[str, ...] = ("auto", "ct", "mr", "none")
 
 Pads = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
@@ -43,8 +43,9 @@ class PreprocessConfig:
     (``to_dict``) so inference repeats exactly what training did.
 
     ``spacing`` target voxel size in mm (None keeps the native grid);
-    ``modality`` "ct" (HU window), "mr" (nonzero-voxel percentiles) or "none"
-    (values untouched); ``canonical`` reorients to RAS+ first so that array
+    ``modality`` "ct" (HU window), "mr" (nonzero-voxel percentiles), "auto" (CT or
+    MR decided per volume from its values, :func:`gvsl.runtime.modality.decide_modality`)
+    or "none" (values untouched); ``canonical`` reorients to RAS+ first so that array
     axes mean the same anatomy in every volume.
     """
 
@@ -94,6 +95,16 @@ class PreprocessConfig:
         return cls(**d)
 
 
+def with_modality(cfg: PreprocessConfig, modality: str | None) -> PreprocessConfig:
+    """``cfg`` with its modality replaced (``None`` keeps the model's own): how ``--modality``
+    overrides what a model was trained with, validated like any config."""
+    if modality is None or modality == cfg.modality:
+        return cfg
+    if modality not in MODALITIES:
+        raise GvslInputError(f"--modality {modality}: use one of {', '.join(MODALITIES)}")
+    return replace(cfg, modality=modality)
+
+
 def _float_tuple(value: Any, n: int, name: str) -> tuple[float, ...]:
     try:
         out = tuple(float(v) for v in value)
@@ -112,6 +123,9 @@ class Volume:
     data: np.ndarray
     affine: np.ndarray
     source: str = "<array>"
+    #: how :func:`preprocess` normalised it ("ct", "mr", "none"; None before preprocessing),
+    #: so outputs can report what ``--modality auto`` decided
+    modality: str | None = None
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -199,12 +213,16 @@ def _check_finite(data: np.ndarray, name: str) -> None:
         )
 
 
-def load_volume(path: str | os.PathLike[str], max_voxels: int | None = None, keep_dtype: bool = False) -> Volume:
+def load_volume(
+    path: str | os.PathLike[str], max_voxels: int | None = None, keep_dtype: bool = False, isal: bool = True
+) -> Volume:
     """Read a NIfTI (or MGH / Analyze) volume as float32, validating everything.
 
     ``keep_dtype=True`` leaves unscaled integer data in its stored type (float32
     otherwise): for callers that only :func:`preprocess` it, which converts while
     it resamples, so a CT never gets a full-size float32 copy.
+    ``isal=False`` inflates ``.nii.gz`` with nibabel's zlib reader instead of
+    ISA-L (same values; ``gvsl bench --preprocess`` measures what ISA-L buys).
 
     Every failure is a :class:`GvslInputError` naming the file, so that a bad file
     in a folder of thousands reads as a one-line report, not a traceback. The
@@ -214,14 +232,16 @@ def load_volume(path: str | os.PathLike[str], max_voxels: int | None = None, kee
     """
     p, name = Path(path), str(path)
     img, shape3, aff = _open(p, name, max_voxels)
-    return _read_volume(img, shape3, aff, p, keep_dtype)
+    return _read_volume(img, shape3, aff, p, keep_dtype, isal)
 
 
-def _read_volume(img: Any, shape3: tuple[int, int, int], aff: np.ndarray, p: Path, keep_dtype: bool) -> Volume:
+def _read_volume(
+    img: Any, shape3: tuple[int, int, int], aff: np.ndarray, p: Path, keep_dtype: bool, isal: bool = True
+) -> Volume:
     """The voxels of an :func:`_open`-ed file as a :class:`Volume`; read errors name the file."""
     name = str(p)
     try:
-        data, may_be_nonfinite = _read_voxels(img, shape3, p, keep_dtype)
+        data, may_be_nonfinite = _read_voxels(img, shape3, p, keep_dtype, isal)
     except MemoryError as e:
         raise GvslInputError(
             f"{name}: not enough memory to load {_fmt_shape(tuple(img.shape))} voxels; crop or downsample it",
@@ -273,7 +293,7 @@ _DIRECT_DTYPES = frozenset("int8 uint8 int16 uint16 int32 uint32 float32 float64
 
 
 def _read_voxels(
-    img: Any, shape3: tuple[int, int, int], path: Path, keep_dtype: bool = False
+    img: Any, shape3: tuple[int, int, int], path: Path, keep_dtype: bool = False, isal: bool = True
 ) -> tuple[np.ndarray, bool]:
     """(float32 voxels, whether they can hold NaN/Inf), the values of
     ``img.get_fdata(dtype=float32)``, in the file's own layout (``keep_dtype``:
@@ -288,7 +308,7 @@ def _read_voxels(
     """
     proxy = img.dataobj
     if nib.is_proxy(proxy) and _unscaled(proxy) and hasattr(proxy, "get_unscaled"):
-        raw = _inflate_nifti(img, path)
+        raw = _inflate_nifti(img, path) if isal else None
         if raw is None:
             raw = np.asanyarray(proxy.get_unscaled())
         if raw.dtype.name in _DIRECT_DTYPES:
@@ -524,44 +544,36 @@ _PARALLEL_MIN = 1 << 20
 
 
 def _run_chunks(fn: Any, pieces: list[tuple[int, int]], size: int) -> None:
-    """Run ``fn(start, stop)`` for every piece, on :func:`_n_threads` threads when
-    ``size`` voxels are worth it; each thread takes a contiguous run of pieces."""
-    threads = min(_n_threads(), len(pieces)) if size >= _PARALLEL_MIN else 1
-    if threads <= 1:
-        for a, b in pieces:
-            fn(a, b)
-        return
-
-    def run(group: list[tuple[int, int]]) -> None:
-        for a, b in group:
-            fn(a, b)
-
-    groups = [pieces[i::threads] for i in range(threads)]
-    with ThreadPoolExecutor(threads) as pool:
-        for f in [pool.submit(run, g) for g in groups if g]:
-            f.result()
-
-
-def _n_threads() -> int:
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        n = os.cpu_count() or 1
-    return max(1, min(n, 16))
+    """Run ``fn(start, stop)`` for every piece on the process's CPU pool when ``size``
+    voxels are worth threads (:func:`gvsl.runtime.cpu_pool.run_pieces`)."""
+    run_pieces(fn, pieces, parallel=size >= _PARALLEL_MIN)
 
 
 # ----------------------------------------------------------------------------- intensity
-def normalize_intensity(data: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+def normalize_intensity(data: np.ndarray, cfg: PreprocessConfig, name: str = "<array>") -> np.ndarray:
     """Map intensities to [0, 1] float32 (``ct``: HU window; ``mr``: robust min/max
     of nonzero voxels, because MR has no absolute scale and its zero background
-    would otherwise dominate the statistics); ``none`` only casts to float32."""
-    return _normalize(np.asarray(data, dtype=np.float32), cfg, inplace=False)
+    would otherwise dominate the statistics; ``auto``: whichever of the two
+    :func:`resolve_modality` decides for these values); ``none`` only casts to float32."""
+    return _normalize(np.asarray(data, dtype=np.float32), cfg, inplace=False, name=name)
 
 
-def _normalize(data: np.ndarray, cfg: PreprocessConfig, inplace: bool) -> np.ndarray:
+def resolve_modality(data: np.ndarray, cfg: PreprocessConfig, name: str = "<array>") -> str:
+    """The normalisation ``cfg`` means for this volume: its modality, or for ``auto`` the
+    decision of :func:`gvsl.runtime.modality.decide_modality` (one-line error when it cannot)."""
+    if cfg.modality != "auto":
+        return cfg.modality
+    from .modality import decide_modality
+
+    return decide_modality(data, name)
+
+
+def _normalize(data: np.ndarray, cfg: PreprocessConfig, inplace: bool, name: str = "<array>") -> np.ndarray:
     """:func:`normalize_intensity` on float32 ``data``, overwriting it when ``inplace``
     (``preprocess`` owns its resampled array), in threaded cache-sized pieces.
     The same float32 operations in the same order as ever, so results are unchanged."""
+    if cfg.modality == "auto":
+        cfg = replace(cfg, modality=resolve_modality(data, cfg, name))
     if cfg.modality == "ct":
         lo, hi = cfg.ct_window
         f_lo, f_scale = np.float32(lo), np.float32(1.0 / (hi - lo))
@@ -676,7 +688,9 @@ def preprocess(vol: Volume, cfg: PreprocessConfig) -> Volume:
     owned = not np.may_share_memory(data, vol.data)
     data = _to_c_float32(data)
     owned = owned or not np.may_share_memory(data, vol.data)
-    return Volume(data=_normalize(data, cfg, inplace=owned), affine=affine, source=vol.source)
+    modality = resolve_modality(data, cfg, vol.source)
+    out = _normalize(data, replace(cfg, modality=modality), inplace=owned)
+    return Volume(data=out, affine=affine, source=vol.source, modality=modality)
 
 
 def load_preprocessed(
@@ -797,19 +811,19 @@ def _stream_preprocess(
         data = _resample_axis(data, 0, int(new_shape[0]), float(scale[0]), 1)
     out = _to_c_float32(data.T)
     vol = Volume(data=raw, affine=aff, source=name)
-    return vol, Volume(data=_normalize(out, cfg, inplace=True), affine=new_affine @ rev, source=name)
+    modality = resolve_modality(out, cfg, name)
+    normalised = _normalize(out, replace(cfg, modality=modality), inplace=True)
+    return vol, Volume(data=normalised, affine=new_affine @ rev, source=name, modality=modality)
 
 
 # ----------------------------------------------------------------------------- output
 def save_nifti(path: str | os.PathLike[str], data: np.ndarray, affine: np.ndarray) -> Path:
-    """Write a NIfTI atomically (temp file in the same folder, then ``os.replace``),
-    so readers never see a half-written file and an interrupted run leaves none.
+    """Write a NIfTI atomically (:func:`atomic_write`), so readers never see a
+    half-written file, an interrupted run leaves none, and the file gets the umask's mode.
 
     bool becomes uint8 and int64 becomes int32 (NIfTI readers choke on int64);
     sform and qform are both set (code 1, scanner) so every viewer agrees.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arr = np.asarray(data)
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8)
@@ -822,16 +836,7 @@ def save_nifti(path: str | os.PathLike[str], data: np.ndarray, affine: np.ndarra
     img.set_sform(aff, code=1)
     img.set_qform(aff, code=1)
     img.header.set_xyzt_units("mm")
-    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: nib.save(img, tmp))
 
 
 __all__ = [

@@ -32,7 +32,14 @@ from .geometry import dvf_mm_to_voxel, dvf_voxel_to_mm, voxel_spacing
 from .preprocess import PreprocessConfig, Volume, preprocess
 from .warp import resample_to_grid
 
-__all__ = ["DEFAULT_LEVELS", "RefineOptions", "RefineResult", "plan_levels", "refine_world_field"]
+__all__ = [
+    "DEFAULT_LEVELS",
+    "RefineOptions",
+    "RefineResult",
+    "plan_levels",
+    "refine_initial_affine",
+    "refine_world_field",
+]
 
 #: Pyramid spacings (mm) used unless ``levels`` says otherwise.
 DEFAULT_LEVELS = (4.0, 2.0)
@@ -53,10 +60,15 @@ class RefineOptions:
     step: float = 0.5
     regularisation: float = 0.3
     similarity: str = "ncc"
+    #: affine refinement before the network, on the coarsest level (0 = none)
+    affine_iterations: int = 40
+    affine_step: float = 1.0
 
     def __post_init__(self) -> None:
         if int(self.iterations) != self.iterations or self.iterations < 0:
             raise GvslInputError(f"--refine {self.iterations}: give a whole number of iterations >= 0")
+        if int(self.affine_iterations) != self.affine_iterations or self.affine_iterations < 0:
+            raise GvslInputError(f"--refine-affine {self.affine_iterations}: give a whole number of iterations >= 0")
         levels = tuple(float(s) for s in self.levels)
         if not levels or not all(math.isfinite(s) and s > 0 for s in levels):
             raise GvslInputError(f"--refine-levels {self.levels}: give positive spacings in mm, e.g. 4,2")
@@ -104,10 +116,61 @@ def plan_levels(levels: Sequence[float], fixed: Volume, max_voxels: int = MAX_LE
     return plan
 
 
-def _translation(v: Sequence[float]) -> np.ndarray:
-    t = np.eye(4)
-    t[:3, 3] = v
-    return t
+def _level_pair(
+    fixed: Volume, moving: Volume, cfg: PreprocessConfig, spacing: float, initial: np.ndarray
+) -> tuple[Volume, np.ndarray]:
+    """Both volumes at ``spacing`` mm with the model's preprocessing; the moving one read on the
+    fixed level grid through the initial world map ``initial`` (fixed mm -> moving mm)."""
+    level_cfg = replace(cfg, spacing=(spacing, spacing, spacing))
+    fixed_level = preprocess(fixed, level_cfg)
+    moving_level = preprocess(moving, level_cfg)
+    shape = fixed_level.data.shape
+    if min(shape) < 2:
+        raise GvslInputError(f"{fixed.source}: too small for a {spacing:g} mm refinement level; use finer levels")
+    moving_on_fixed = resample_to_grid(
+        moving_level.data,
+        np.linalg.inv(initial) @ moving_level.affine,
+        fixed_level.affine,
+        shape,
+        order=1,
+        mode="constant",
+    )
+    return fixed_level, moving_on_fixed
+
+
+def refine_initial_affine(
+    backend: Backend,
+    fixed: Volume,
+    moving: Volume,
+    cfg: PreprocessConfig,
+    initial: np.ndarray,
+    options: RefineOptions,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Improve the initial world map ``initial`` (4x4, fixed mm -> moving mm) with the affine
+    refinement graph on the coarsest pyramid level; returns the new map and a report. The
+    result is kept only if it raises the local CC."""
+    spacing = plan_levels(options.levels, fixed)[0]
+    fixed_level, moving_on_fixed = _level_pair(fixed, moving, cfg, spacing, initial)
+    feed = {
+        "fixed": np.ascontiguousarray(fixed_level.data, dtype=np.float32)[None, None],
+        "moving": np.ascontiguousarray(moving_on_fixed, dtype=np.float32)[None, None],
+        "matrix": np.eye(3, 4, dtype=np.float32)[None],
+        "step": np.array([options.affine_step], dtype=np.float32),
+    }
+    before = float(backend.run({**feed, "iterations": np.array(0, np.int64)})["similarity"][0])
+    out = backend.run({**feed, "iterations": np.array(int(options.affine_iterations), np.int64)})
+    after = float(out["similarity"][0])
+    report = {"spacing_mm": spacing, "local_cc_before": round(before, 6), "local_cc_after": round(after, 6)}
+    if not after > before:
+        report["kept"] = False
+        return initial, report
+    matrix = out["matrix_refined"][0].astype(np.float64)
+    centre = (np.asarray(fixed_level.data.shape, dtype=np.float64) - 1.0) / 2.0
+    voxel = np.eye(4)  # level voxel p -> c + M (p - c) + t
+    voxel[:3, :3] = matrix[:, :3]
+    voxel[:3, 3] = centre + matrix[:, 3] - matrix[:, :3] @ centre
+    report["kept"] = True
+    return initial @ fixed_level.affine @ voxel @ np.linalg.inv(fixed_level.affine), report
 
 
 def refine_world_field(
@@ -117,31 +180,20 @@ def refine_world_field(
     cfg: PreprocessConfig,
     field_mm: np.ndarray | None,
     field_affine: np.ndarray | None,
-    shift_mm: np.ndarray,
+    initial: np.ndarray,
     options: RefineOptions,
     timer: Callable[[str], Any] | None = None,
 ) -> RefineResult:
     """Refine the world field ``field_mm`` (on grid ``field_affine``; ``None`` = none) between the
-    original ``fixed`` and ``moving`` volumes, ``shift_mm`` being the initial alignment."""
+    original ``fixed`` and ``moving`` volumes, ``initial`` (4x4, fixed mm -> moving mm) being the
+    initial alignment the field is relative to."""
     plan = plan_levels(options.levels, fixed)
     current, current_affine = field_mm, field_affine
     report: list[dict[str, Any]] = []
     from_network = field_mm is not None
     for index, spacing in enumerate(plan):
-        level_cfg = replace(cfg, spacing=(spacing, spacing, spacing))
-        fixed_level = preprocess(fixed, level_cfg)
-        moving_level = preprocess(moving, level_cfg)
+        fixed_level, moving_on_fixed = _level_pair(fixed, moving, cfg, spacing, initial)
         shape = fixed_level.data.shape
-        if min(shape) < 2:
-            raise GvslInputError(f"{fixed.source}: too small for a {spacing:g} mm refinement level; use finer levels")
-        moving_on_fixed = resample_to_grid(
-            moving_level.data,
-            _translation(-np.asarray(shift_mm)) @ moving_level.affine,
-            fixed_level.affine,
-            shape,
-            order=1,
-            mode="constant",
-        )
         if current is None:
             start = np.zeros((3, *shape), dtype=np.float32)
         else:

@@ -53,14 +53,16 @@ from typing import Any
 import numpy as np
 
 from . import artifact as A
+from . import cpu_pool
 from .backends import Backend, ModelInfo, load_backend, resolve_model_file
 from .errors import GvslInputError
-from .geometry import dvf_voxel_to_mm
+from .geometry import dvf_voxel_to_mm, model_affine_convention, network_affine_to_voxel
 from .io import DEFAULT_MAX_VOXELS, VolumeLike, load_labels, read_volume, save_displacement_field
 from .metrics import folding_stats, jacobian_determinant, label_dice, ncc
-from .preprocess import Volume, normalize_intensity, pad_to_multiple, preprocess, save_nifti
-from .refine import RefineOptions, refine_world_field
-from .warp import resample_to_grid, warp_by_displacement
+from .preprocess import Volume, normalize_intensity, pad_to_multiple, preprocess, save_nifti, with_modality
+from .refine import RefineOptions, refine_initial_affine, refine_world_field
+from .warp import grid_world_coordinates, resample_to_grid, warp_by_displacement
+from .windows import SIZE_MULTIPLE
 
 __all__ = [
     "INITS",
@@ -68,31 +70,15 @@ __all__ = [
     "Registrar",
     "Registration",
     "fov_overlap",
+    "compose_initial",
     "initial_shift",
     "network_affine_to_voxel",
     "score_labels",
 ]
 
 INITS = ("auto", "world", "center", "moments")
-SIZE_MULTIPLE = 16
 #: ``init="auto"`` trusts world coordinates when the fields of view overlap by this fraction of the smaller
 AUTO_WORLD_OVERLAP = 0.5
-
-
-def network_affine_to_voxel(mat: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """The affine head's ``[3, 4]`` matrix (official normalised convention) as a
-    ``[3, 4]`` map on voxel indices: output voxel ``p`` reads input ``A p + b``.
-
-    numpy twin of :func:`gvsl.spatial.affine_to_voxel` (kept torch-free here).
-    """
-    d, h, w = (float(n) for n in shape)
-    m = np.asarray(mat, dtype=np.float64)
-    lin, t = m[:, :3], m[:, 3] / np.array([d, h, w])
-    s = np.array([2.0 / w, 2.0 / h, 2.0 / d])
-    c = s / 2.0 - 1.0
-    a_vox = (lin * s[None, :] / s[:, None])[::-1, ::-1]
-    b_vox = ((lin @ c + t - c) / s)[::-1]
-    return np.concatenate([a_vox, b_vox[:, None]], axis=1)
 
 
 def _translation(v: Sequence[float]) -> np.ndarray:
@@ -172,14 +158,16 @@ class Registration:
     ``warped`` moving image (its own intensities); ``labels`` warped label maps
     (same dtype and values as given); ``dvf_mm`` ``[3, X, Y, Z]`` pull-back
     displacement in RAS mm (``moving_point = fixed_point + d``);
-    ``matrix`` the affine head's ``[3, 4]`` (official normalised convention)
+    ``matrix`` the affine head's ``[3, 4]`` (in the model's affine convention)
     and ``world_matrix`` the same affine as a 4x4 RAS map fixed mm -> moving mm
-    (initial shift included); ``moving_before`` the moving image after the
+    (initial alignment included); ``moving_before`` the moving image after the
     initial alignment only; ``metrics`` the quality figures; ``init`` the initial
     alignment used and ``shift_mm`` its world shift (moving point = fixed point
-    + shift); ``dice`` per label map (by source) the Dice of each label against
-    the fixed labels given; ``stages`` seconds per stage; ``refinement`` one
-    record per refinement level run.
+    + shift); ``initial_matrix`` the 4x4 world map the network started from (the
+    shift, then the affine refinement when it ran, reported in
+    ``affine_refinement``); ``dice`` per label map (by source) the Dice of each
+    label against the fixed labels given; ``stages`` seconds per stage;
+    ``refinement`` one record per refinement level run.
     """
 
     warped: np.ndarray
@@ -196,9 +184,13 @@ class Registration:
     label_sources: list[str] = field(default_factory=list)
     init: str = "world"
     shift_mm: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    initial_matrix: np.ndarray = field(default_factory=lambda: np.eye(4))
+    affine_refinement: dict[str, Any] = field(default_factory=dict)
     dice: dict[str, dict[str, float]] = field(default_factory=dict)
     stages: dict[str, float] = field(default_factory=dict)
     refinement: list[dict[str, Any]] = field(default_factory=list)
+    #: how the fixed and the moving image were normalised (what ``--modality auto`` decided)
+    modalities: tuple[str | None, str | None] = (None, None)
 
     def save_warped(self, path: str | os.PathLike[str]) -> Path:
         return save_nifti(path, self.warped, self.affine)
@@ -220,6 +212,18 @@ class Registration:
         )
 
 
+def compose_initial(initial: np.ndarray, field_mm: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The total pull-back field ``x -> initial(x + d(x)) - x`` on the grid ``affine`` of ``d``
+    (``field_mm [3, *shape]``, relative to the initially aligned moving image)."""
+    linear = np.asarray(initial, dtype=np.float64)[:3, :3]
+    out = np.einsum("ij,j...->i...", linear.astype(np.float32), field_mm).astype(np.float32)
+    if np.allclose(linear, np.eye(3), atol=1e-12):
+        return out + np.asarray(initial[:3, 3], dtype=np.float32).reshape(3, 1, 1, 1)
+    world = grid_world_coordinates(affine, field_mm.shape[1:])
+    moved = np.einsum("ij,j...->i...", linear - np.eye(3), world) + np.asarray(initial[:3, 3]).reshape(3, 1, 1, 1)
+    return out + moved.astype(np.float32)
+
+
 def score_labels(
     warped_labels: Sequence[np.ndarray],
     label_maps: Sequence[tuple[np.ndarray, np.ndarray, str]],
@@ -237,19 +241,20 @@ def score_labels(
     return scores
 
 
-def _refine_file(model: Any) -> Path | None:
-    """``refine.onnx`` for ``model``: beside it in its export folder, else the one shipped with
-    the default model (the graph has no learned weights, so any export's copy serves)."""
+def _refine_file(model: Any, kind: str = A.REFINE) -> Path | None:
+    """``refine.onnx`` (or ``refine_affine.onnx``) for ``model``: beside it in its export folder,
+    else the one shipped with the default model (the graphs have no learned weights, so any
+    export's copy serves)."""
     if not isinstance(model, Backend):
         try:
-            path, fmt = resolve_model_file(model, A.REFINE)
+            path, fmt = resolve_model_file(model, kind)
             if fmt == "onnx":
                 return path
         except GvslInputError:
             pass
     from .default_model import default_model_dir
 
-    shipped = Path(default_model_dir()) / "refine.onnx"
+    shipped = Path(default_model_dir()) / f"{kind}.onnx"
     return shipped if shipped.is_file() else None
 
 
@@ -284,12 +289,15 @@ class Registrar:
         refine_model: str | os.PathLike[str] | Backend | None = None,
         fill: float | str = "min",
         max_voxels: int | None = DEFAULT_MAX_VOXELS,
+        modality: str | None = None,
         **backend_options: Any,
     ) -> None:
         if init not in INITS:
             raise GvslInputError(f"--init {init}: use one of {', '.join(INITS)}")
         if not (fill == "min" or isinstance(fill, int | float)):
             raise GvslInputError(f"fill must be 'min' or a number, got {fill!r}")
+        if backend_options.get("threads"):
+            cpu_pool.set_threads(backend_options["threads"])
         if isinstance(model, Backend):
             self.backend = model
         else:
@@ -311,9 +319,16 @@ class Registrar:
                     "(re-export with `gvsl export` for refinement)",
                     stacklevel=2,
                 )
+        self.affine_refiner: Backend | None = None
+        affine_path = _refine_file(model, A.REFINE_AFFINE) if not isinstance(refine_model, Backend) else None
+        if affine_path is not None:
+            refine_backend = "onnxruntime" if backend in ("auto", "torch") else backend
+            self.affine_refiner = load_backend(affine_path, A.REFINE_AFFINE, refine_backend, device, **backend_options)
         self.init = init
         self.fill = fill
         self.max_voxels = max_voxels
+        #: the model's preprocessing with ``modality`` (auto, ct, mr, none) if given
+        self.preprocess = with_modality(self.info.preprocess, modality)
 
     @property
     def info(self) -> ModelInfo:
@@ -321,8 +336,9 @@ class Registrar:
 
     def close(self) -> None:
         self.backend.close()
-        if self.refiner is not None:
-            self.refiner.close()
+        for extra in (self.refiner, self.affine_refiner):
+            if extra is not None:
+                extra.close()
 
     def __enter__(self) -> Registrar:
         return self
@@ -371,15 +387,20 @@ class Registrar:
                 f"--fixed-labels: {len(reference_maps)} given for {len(label_maps)} --labels; give one fixed label "
                 "map per moving label map, in the same order"
             )
-        cfg = self.info.preprocess
+        cfg = self.preprocess
         fpre = preprocess(fvol, cfg)
-        mpre = preprocess(mvol, cfg)
+        mpre = preprocess(mvol, cfg)  # auto: each image is normalised as what it is
         shift, init_used = initial_shift(init, fvol, mvol, fpre, mpre)
+        initial = _translation(shift)  # fixed mm -> moving mm, before the network
         lap("read and preprocess")
+        affine_report: dict[str, Any] = {}
+        if self.affine_refiner is not None and options.enabled and options.affine_iterations > 0:
+            initial, affine_report = refine_initial_affine(self.affine_refiner, fvol, mvol, cfg, initial, options)
+            lap("refine affine")
 
-        # moving onto the fixed model grid through world space (+ initial shift); 0 = background
+        # moving onto the fixed model grid through world space (initial alignment); 0 = background
         moving_on_fixed = resample_to_grid(
-            mpre.data, _translation(-shift) @ mpre.affine, fpre.affine, fpre.data.shape, order=1, mode="constant"
+            mpre.data, np.linalg.inv(initial) @ mpre.affine, fpre.affine, fpre.data.shape, order=1, mode="constant"
         )
         fpad, pads = pad_to_multiple(fpre.data, SIZE_MULTIPLE)
         mpad, _ = pad_to_multiple(moving_on_fixed, SIZE_MULTIPLE)
@@ -397,7 +418,7 @@ class Registrar:
         refinement: list[dict[str, Any]] = []
         if self.refiner is not None and options.enabled:
             result = refine_world_field(
-                self.refiner, fvol, mvol, cfg, field_mm, field_affine, shift, options, timer=lap
+                self.refiner, fvol, mvol, cfg, field_mm, field_affine, initial, options, timer=lap
             )
             field_mm, field_affine = result.dvf_mm, result.affine
             refinement = result.levels
@@ -405,7 +426,7 @@ class Registrar:
                 level["start"] = "network" if result.started_from_network else "initial alignment"
 
         dvf_mm = resample_to_grid(field_mm, field_affine, fvol.affine, fvol.data.shape, order=1, mode="nearest")
-        dvf_mm += shift.reshape(3, 1, 1, 1).astype(np.float32)
+        dvf_mm = compose_initial(initial, dvf_mm, fvol.affine)
         fill = float(mvol.data.min()) if self.fill == "min" else float(self.fill)
         warped = warp_by_displacement(mvol.data, mvol.affine, fvol.affine, dvf_mm, order=1, cval=fill)
         before = warp_by_displacement(
@@ -418,15 +439,16 @@ class Registrar:
 
         # the affine head's matrix as a world map (fixed RAS mm -> moving RAS mm)
         vox = np.eye(4)
-        vox[:3] = network_affine_to_voxel(matrix, fpad.shape)
-        world_matrix = _translation(shift) @ pad_affine @ vox @ np.linalg.inv(pad_affine)
+        vox[:3] = network_affine_to_voxel(matrix, fpad.shape, model_affine_convention(self.info.model))
+        world_matrix = initial @ pad_affine @ vox @ np.linalg.inv(pad_affine)
 
-        fixed_n = normalize_intensity(fvol.data, cfg)
+        fixed_cfg, moving_cfg = with_modality(cfg, fpre.modality), with_modality(cfg, mpre.modality)
+        fixed_n = normalize_intensity(fvol.data, fixed_cfg)
         det = jacobian_determinant(dvf_mm, fvol.affine)
         jmin, folding = folding_stats(det)
         metrics = {
-            "ncc_before": ncc(fixed_n, normalize_intensity(before, cfg)),
-            "ncc_after": ncc(fixed_n, normalize_intensity(warped, cfg)),
+            "ncc_before": ncc(fixed_n, normalize_intensity(before, moving_cfg)),
+            "ncc_after": ncc(fixed_n, normalize_intensity(warped, moving_cfg)),
             "jacobian_min": jmin,
             "folding_percent": folding,
             "max_displacement_mm": float(np.sqrt((dvf_mm.astype(np.float64) ** 2).sum(axis=0)).max()),
@@ -449,7 +471,10 @@ class Registrar:
             label_sources=[name for _, _, name in label_maps],
             init=init_used,
             shift_mm=shift,
+            initial_matrix=initial,
+            affine_refinement=affine_report,
             dice=dice_scores,
             stages=stages,
             refinement=refinement,
+            modalities=(fpre.modality, mpre.modality),
         )

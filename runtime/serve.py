@@ -33,13 +33,11 @@ client can share its names without PyTriton installed.
 from __future__ import annotations
 
 import abc
+import json
 import logging
 import os
 import re
-import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 import traceback
@@ -53,6 +51,7 @@ import numpy as np
 from .errors import GvslInputError
 from .io import DEFAULT_MAX_VOXELS
 from .register import INITS
+from .serve_interpreter import interpreter_problem, library_python_version
 
 __all__ = [
     "EMBED_MODEL",
@@ -63,6 +62,7 @@ __all__ = [
     "ServeError",
     "ServeOptions",
     "interpreter_problem",
+    "library_python_version",
     "serve",
 ]
 
@@ -75,6 +75,9 @@ ERROR_PREFIX = "gvsl-error: "
 METRICS = ("ncc_before", "ncc_after", "jacobian_min", "folding_percent", "max_displacement_mm")
 
 LOG = logging.getLogger("gvsl.serve")
+#: starts of Triton before a startup failure is final (only PyTriton's handshake timeout is retried)
+STARTUP_ATTEMPTS = 3
+_HANDSHAKE_TIMEOUT = "Timeout occurred while waiting for config file"
 
 
 class ServeError(GvslInputError):
@@ -112,10 +115,14 @@ class ServeOptions:
     refine: int = 30
     refine_levels: tuple[float, ...] = (4.0, 2.0)
     regularisation: float = 0.3
+    #: normalisation of every request (auto: CT or MR decided per volume; None: the model's own)
+    modality: str | None = "auto"
     exit_timeout: int = 10
     log_verbose: int = 0
     log_file: Path | None = None
     models: tuple[str, ...] = (EMBED_MODEL, REGISTER_MODEL)
+    allow_cpu_fallback: bool = False
+    ready_file: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -139,98 +146,14 @@ class ServeOptions:
             raise ServeError(f"--queue-delay-us {self.queue_delay_us}: must be >= 0")
         if self.init not in INITS:
             raise ServeError(f"--init {self.init}: use one of {', '.join(INITS)}")
+        from .preprocess import MODALITIES
+
+        if self.modality is not None and self.modality not in MODALITIES:
+            raise ServeError(f"--modality {self.modality}: use one of {', '.join(MODALITIES)} or model")
         if not self.models:
             raise ServeError("no model to serve")
-
-
-# ----------------------------------------------------------------------------- interpreter
-def _ldd_libpython(stub: Path, lib_dirs: Sequence[Path]) -> Path | None:
-    """The libpython the Triton Python-backend stub will load (``ldd`` with the library
-    path PyTriton gives the server); None when ldd cannot tell."""
-    ldd = shutil.which("ldd")
-    if ldd is None:
-        return None
-    env = dict(os.environ)
-    extra = ":".join(str(d) for d in lib_dirs)
-    env["LD_LIBRARY_PATH"] = f"{env['LD_LIBRARY_PATH']}:{extra}" if env.get("LD_LIBRARY_PATH") else extra
-    try:
-        out = subprocess.run([ldd, str(stub)], capture_output=True, text=True, env=env, timeout=30, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    for line in out.stdout.splitlines():
-        m = re.match(r"\s*(libpython\S+)\s+=>\s+(\S+)", line)
-        if m:
-            return None if m.group(2) == "not" else Path(m.group(2))
-    return None
-
-
-def library_python_version(lib: Path) -> str | None:
-    """``"3.11.2"``: the version compiled into a libpython (``Py_GetVersion``), read in a
-    throw-away process so the library never shares this interpreter's address space."""
-    code = (
-        "import ctypes, sys; f = ctypes.CDLL(sys.argv[1]).Py_GetVersion; f.restype = ctypes.c_char_p; "
-        "print(f().decode().split()[0])"
-    )
-    try:
-        out = subprocess.run(
-            [sys.executable, "-c", code, str(lib)], capture_output=True, text=True, timeout=30, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    v = out.stdout.strip()
-    return v if out.returncode == 0 and re.fullmatch(r"\d+\.\d+\.\d+\S*", v) else None
-
-
-def interpreter_problem(stub: Path | None = None, lib_dirs: Sequence[Path] | None = None) -> str | None:
-    """Why this interpreter cannot run ``gvsl serve``, or None when it can.
-
-    Triton's Python backend runs the models in a *stub* process that embeds
-    ``libpython3.X.so`` (whichever the dynamic loader finds) but imports the
-    standard library and packages of this interpreter. When the two versions
-    differ (a pyenv/conda Python built without a shared libpython, next to the
-    system's), the stub fails at model load, e.g. with ``'_thread.RLock' object
-    has no attribute '_recursion_count'``. This finds the stub's libpython the way
-    the loader will and compares versions. ``stub``/``lib_dirs`` default to
-    PyTriton's own (tests pass another interpreter's).
-    """
-    here = sys.version.split()[0]
-    if stub is None:
-        try:
-            from pytriton.utils.distribution import get_libs_path, get_stub_path
-        except ImportError:
-            return (
-                f"nvidia-pytriton is not installed for {sys.executable} (Python {here}); install gvsl[serve] in a "
-                "venv made from a Python whose libpython matches (README: gvsl serve) and pass --python "
-                "VENV/bin/python or set GVSL_SERVE_PYTHON"
-            )
-        stub = Path(get_stub_path(f"{sys.version_info.major}.{sys.version_info.minor}"))
-        lib_dirs = [Path(get_libs_path())]
-    if not stub.is_file():
-        return (
-            f"PyTriton ships no Triton Python-backend stub for Python {sys.version_info.major}."
-            f"{sys.version_info.minor} ({stub}); make the serve venv from Python 3.8-3.13"
-        )
-    lib = _ldd_libpython(stub, list(lib_dirs or []))
-    if lib is None:
-        return (
-            f"the Triton Python-backend stub {stub} finds no libpython{sys.version_info.major}."
-            f"{sys.version_info.minor}.so; install it (Debian: apt-get install libpython3.{sys.version_info.minor}) "
-            "or make the serve venv from a Python built with --enable-shared"
-        )
-    found = library_python_version(lib)
-    if found is None or found == here:
-        return None
-    return (
-        f"Python {here} ({sys.executable}) cannot run gvsl serve: Triton's Python-backend stub loads {lib} "
-        f"(Python {found}), and mixing the two fails at model load; make the serve venv from the Python that owns "
-        f"that library (e.g. `{_system_python_hint()} -m venv build/serve-venv`, then "
-        "`build/serve-venv/bin/pip install -e .[cpu,serve]`) and pass --python build/serve-venv/bin/python"
-    )
-
-
-def _system_python_hint() -> str:
-    v = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    return f"/usr/bin/{v}" if Path(f"/usr/bin/{v}").exists() else v
+        if self.threads < 0:
+            raise ServeError(f"--threads {self.threads}: give 1 or more CPU threads (leave it out to use every core)")
 
 
 # ----------------------------------------------------------------------------- model handlers
@@ -323,7 +246,7 @@ class EmbedHandler(_Handler):
         for k in range(images.shape[0]):
             vol = _volume(images[k], affines[k], f"{EMBED_MODEL} input 'image'", self.max_voxels)
             try:
-                pre = preprocess(vol, self.embedder.info.preprocess)
+                pre = preprocess(vol, self.embedder.preprocess)
                 res = self.embedder.embed_prepared(vol, pre, dense=dense, grid="input")
             except GvslInputError as e:
                 raise RequestError(f"{EMBED_MODEL}: {e}") from None
@@ -461,11 +384,17 @@ def _last_error_line(text: str) -> str:
 def build_handlers(opts: ServeOptions) -> dict[str, tuple[Callable, list, list]]:
     """``{model name: (handler, inputs, outputs)}`` with the runtime objects loaded once
     and shared by every instance (Embedder and Registrar are thread-safe)."""
+    from . import cpu_pool
     from .embed import Embedder
     from .register import Registrar
 
+    cpu_pool.set_threads(opts.threads)  # the one pool every request's preprocessing shares
     out: dict[str, tuple[Callable, list, list]] = {}
-    backend_options: dict[str, Any] = {"threads": opts.threads, **opts.extra}
+    backend_options: dict[str, Any] = {
+        "threads": opts.threads,
+        "allow_cpu_fallback": opts.allow_cpu_fallback,
+        **opts.extra,
+    }
     if EMBED_MODEL in opts.models:
         embedder = Embedder(
             opts.model,
@@ -474,6 +403,7 @@ def build_handlers(opts: ServeOptions) -> dict[str, tuple[Callable, list, list]]
             overlap=opts.overlap,
             window_batch=opts.window_batch,
             max_voxels=opts.max_voxels,
+            modality=opts.modality,
             **backend_options,
         )
         info = embedder.info
@@ -490,6 +420,7 @@ def build_handlers(opts: ServeOptions) -> dict[str, tuple[Callable, list, list]]
             init=opts.init,
             refine=options,
             max_voxels=opts.max_voxels,
+            modality=opts.modality,
             **backend_options,
         )
         ins, outs = _register_tensors()
@@ -502,6 +433,12 @@ def serve(opts: ServeOptions, on_ready: Callable[[dict[str, str]], None] | None 
 
     Returns 0 after a requested stop, 1 when the server died on its own.
     ``on_ready`` receives the endpoints once every model is loaded.
+
+    Readiness: Triton's server-level ``/v2/health/ready`` turns true before
+    PyTriton has loaded the models (PyTriton waits for it, then loads them), so
+    it is no readiness probe. The model-level ``/v2/models/NAME/ready`` are,
+    and so is ``opts.ready_file``: written once every served model answers
+    ready, removed as soon as the server starts stopping.
     """
     opts.check()
     for name, port in (("--http-port", opts.http_port), ("--grpc-port", opts.grpc_port),
@@ -534,32 +471,47 @@ def serve(opts: ServeOptions, on_ready: Callable[[dict[str, str]], None] | None 
             raise _Stop(signal.Signals(signum).name)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    triton = Triton(config=config)
+    triton: Any = None
     died = False
     try:
-        for name, (handler, ins, outs) in handlers.items():
-            triton.bind(
-                model_name=name,
-                infer_func=[handler] * opts.instances,  # one Triton instance per entry, same shared runtime
-                inputs=ins,
-                outputs=outs,
-                config=ModelConfig(
-                    max_batch_size=opts.max_batch,
-                    batcher=DynamicBatcher(max_queue_delay_microseconds=opts.queue_delay_us),
-                ),
-                strict=False,
-            )
-        try:
-            triton.run()
-        except _Stop:
-            raise
-        except Exception as e:  # noqa: BLE001 - startup failure: one line with the server's reason
-            server = getattr(triton, "_triton_server", None)
-            logs = server.logs() if server is not None else ""
-            if opts.log_file is not None and Path(opts.log_file).is_file():
-                logs += Path(opts.log_file).read_text(errors="replace")
-            why = _last_error_line(logs) if logs else " ".join(str(e).split())[:300]
-            raise ServeError(f"Triton could not start the gvsl models: {why}") from None
+        for attempt in range(1, STARTUP_ATTEMPTS + 1):
+            triton = Triton(config=config)
+            for name, (handler, ins, outs) in handlers.items():
+                triton.bind(
+                    model_name=name,
+                    infer_func=[handler] * opts.instances,  # one Triton instance per entry, same shared runtime
+                    inputs=ins,
+                    outputs=outs,
+                    config=ModelConfig(
+                        max_batch_size=opts.max_batch,
+                        batcher=DynamicBatcher(max_queue_delay_microseconds=opts.queue_delay_us),
+                    ),
+                    strict=False,
+                )
+            try:
+                triton.run()
+                break
+            except _Stop:
+                raise
+            except Exception as e:  # noqa: BLE001 - startup failure: one line with the server's reason
+                server = getattr(triton, "_triton_server", None)
+                logs = server.logs() if server is not None else ""
+                if opts.log_file is not None and Path(opts.log_file).is_file():
+                    logs += Path(opts.log_file).read_text(errors="replace")
+                why = _last_error_line(logs) if logs else " ".join(str(e).split())[:300]
+                if attempt < STARTUP_ATTEMPTS and _HANDSHAKE_TIMEOUT in logs + str(e):
+                    # PyTriton gives a model's stub 1 s to fetch its config from this process; on a
+                    # machine this loaded that can run out, and a second start is all it takes
+                    LOG.warning(
+                        "Triton start %d: a model's handshake timed out (busy machine); starting again", attempt
+                    )
+                    triton.stop()
+                    continue
+                raise ServeError(f"Triton could not start the gvsl models: {why}") from None
+        local = "127.0.0.1" if opts.host in ("0.0.0.0", "") else ("[::1]" if opts.host == "::" else opts.host)
+        wait_ready(f"{local}:{opts.http_port}", opts.models, timeout=120, alive=triton.is_alive)
+        if opts.ready_file is not None:
+            _write_ready_file(Path(opts.ready_file), opts.models)
         endpoints = {
             "http": f"http://{opts.host}:{opts.http_port}",
             "grpc": f"grpc://{opts.host}:{opts.grpc_port}",
@@ -577,8 +529,11 @@ def serve(opts: ServeOptions, on_ready: Callable[[dict[str, str]], None] | None 
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if opts.ready_file is not None:  # not ready from the first moment of stopping
+            Path(opts.ready_file).unlink(missing_ok=True)
         try:
-            triton.stop()
+            if triton is not None:
+                triton.stop()
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
@@ -587,6 +542,15 @@ def serve(opts: ServeOptions, on_ready: Callable[[dict[str, str]], None] | None 
                 for o in objs:
                     o.close()
     return 1 if died else 0
+
+
+def _write_ready_file(path: Path, models: Sequence[str]) -> None:
+    """The readiness file (an exec probe's ``test -f``): written atomically, so a probe
+    never sees half of it; it lists the models that answered ready and the pid."""
+    from .io import atomic_write
+
+    text = json.dumps({"ready": list(models), "pid": os.getpid()}) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _check_port(host: str, port: int, option: str) -> None:

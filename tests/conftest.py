@@ -10,6 +10,8 @@ import nilearn
 import numpy as np
 import pytest
 
+import gvsl.torch_backend  # noqa: F401 - registers the "torch" backend, as the CLI does
+
 MNI_DIR = Path(nilearn.__file__).parent / "datasets" / "data"
 
 

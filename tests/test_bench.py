@@ -1,6 +1,7 @@
-"""`gvsl bench` and the fast paths it measures: smoke runs at tiny sizes (no timing
-assertions), the FLOP count against PyTorch's counter, the opt-in int8 mode, the
-training speed options, and the unchanged results of the faster preprocessing."""
+"""`gvsl bench` and the fast paths it measures: tiny runs whose records must be consistent
+(ratios, throughputs and TFLOP/s are the timings they come from; torch eager is the baseline of
+itself), the FLOP count against PyTorch's counter, the opt-in int8 mode, the training speed
+options, and the unchanged results of the faster preprocessing."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gvsl import bench as B
+from gvsl.cli import bench as benchmark
 from gvsl.cli.main import app
 from gvsl.config import ModelConfig
 from gvsl.model import GVSL
 
-P = importlib.import_module("gvsl.runtime.preprocess")  # the module (gvsl.runtime re-exports a function of that name)
+# the module (gvsl.runtime re-exports a function of that name)
+preprocessing = importlib.import_module("gvsl.runtime.preprocess")
 
 runner = CliRunner()
 
@@ -38,25 +40,24 @@ def test_flop_count_matches_pytorch_counter(kind):
     x = torch.rand(2, 1, 32, 32, 48)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.encode(x) if kind == "encoder" else model.register(x, x.flip(2))
-    ours = B.model_flops(cfg.to_dict(), kind, 2, (32, 32, 48))
+    ours = benchmark.model_flops(cfg.to_dict(), kind, 2, (32, 32, 48))
     # all but the few hundred FLOPs of building the 3x3 affine matrices
     assert ours == pytest.approx(counter.get_total_flops(), rel=1e-6)
 
 
 def test_flop_count_default_widths_matches_the_issue_figures():
     cfg = ModelConfig().to_dict()
-    assert B.model_flops(cfg, "encoder", 1, (64, 64, 64)) / 1e9 == pytest.approx(144, abs=1)
+    assert benchmark.model_flops(cfg, "encoder", 1, (64, 64, 64)) / 1e9 == pytest.approx(144, abs=1)
     # the issue's 2,522 GFLOP is the training forward: inference registration + the restoration head
     n = 128**3
     restore = 2 * 32 * 16 * 27 * n + 2 * 16 * n
-    assert (B.model_flops(cfg, "registration", 1, (128,) * 3) + restore) / 1e9 == pytest.approx(2522, abs=2)
+    assert (benchmark.model_flops(cfg, "registration", 1, (128,) * 3) + restore) / 1e9 == pytest.approx(2522, abs=2)
 
 
 def test_summarize():
-    st = B.summarize([3.0, 1.0, 2.0, 4.0])
-    assert st["median"] == 2.5 and st["min"] == 1.0 and st["max"] == 4.0 and st["n"] == 4
-    assert st["p25"] <= st["median"] <= st["p75"]
-    assert B.summarize([0.5])["median"] == 0.5
+    st = benchmark.summarize([3.0, 1.0, 2.0, 4.0])
+    assert st == {"median": 2.5, "p25": 1.75, "p75": 3.25, "min": 1.0, "max": 4.0, "n": 4}
+    assert benchmark.summarize([0.5]) == {"median": 0.5, "p25": 0.5, "p75": 0.5, "min": 0.5, "max": 0.5, "n": 1}
 
 
 # ----------------------------------------------------------------------------- gvsl bench
@@ -76,22 +77,31 @@ def test_bench_cli_tiny_writes_table_and_json(tmp_path):
     assert len(recs) == 2 * 2 * 2 * 4  # kinds x sizes x batches x (torch, onnxruntime, tensorrt fp16/bf16)
     ok = [r for r in recs if r["status"] == "ok"]
     assert {r["backend"] for r in ok} == {"torch", "onnxruntime"}
+    tiny = ModelConfig.from_preset("tiny").to_dict()
+    eager = {(r["kind"], r["size"], r["batch"]): r for r in ok if r["backend"] == "torch"}
     for r in ok:
         st = r["latency_s"]
-        assert st["n"] == 2 and 0 < st["min"] <= st["median"] <= st["max"]
+        assert st["n"] == 2 and st["min"] <= st["median"] <= st["max"]
+        # every derived figure is the timing it comes from
+        assert r["gflop"] == benchmark.model_flops(tiny, r["kind"], r["batch"], (r["size"],) * 3) / 1e9
         assert r["samples_per_s"] == pytest.approx(r["batch"] / st["median"])
-        assert r["tflops"] > 0 and r["x_baseline"] > 0
+        assert r["tflops"] == pytest.approx(r["gflop"] / 1e3 / st["median"])
+        base = eager[(r["kind"], r["size"], r["batch"])]
+        assert r["x_baseline"] == pytest.approx(base["latency_s"]["median"] / st["median"])
         assert r["cosine_to_fp32"] > 0.9999  # fp32 ONNX = torch fp32
+    assert all(r["x_baseline"] == 1.0 and r["cosine_to_fp32"] == pytest.approx(1.0) for r in eager.values())
     assert all(r["status"].startswith("unavailable") for r in recs if r["backend"].startswith("tensorrt"))
     text = md.read_text()
     assert text.startswith("| kind | size | batch | backend |") and "onnxruntime" in text
 
 
 def test_bench_memory_probe_and_int8(tmp_path, mni_t1_path):
-    setup = B.BenchSetup(widths="tiny", device="cpu", patch=32, workdir=tmp_path, calibration=(str(mni_t1_path),),
-                         log=lambda s: None)  # fmt: skip
-    recs = B.bench_inference(setup, ["torch", "onnxruntime", "onnxruntime-int8"], ["encoder"], [32], [1],
-                             repeats=1, memory=True)  # fmt: skip
+    setup = benchmark.BenchSetup(
+        widths="tiny", device="cpu", patch=32, workdir=tmp_path, calibration=(str(mni_t1_path),), log=lambda s: None
+    )
+    recs = benchmark.bench_inference(
+        setup, ["torch", "onnxruntime", "onnxruntime-int8"], ["encoder"], [32], [1], repeats=1, memory=True
+    )
     by = {r["backend"]: r for r in recs}
     assert all(r["status"] == "ok" for r in recs), recs
     for r in recs:
@@ -110,27 +120,70 @@ def test_bench_bad_options_are_one_line():
 
 
 def test_bench_train_tiny():
-    recs = B.bench_train(sizes=[16], widths="tiny", device="cpu", batch=2, repeats=1, warmup=1)
+    recs = benchmark.bench_train(sizes=[16], widths="tiny", device="cpu", batch=2, repeats=2, warmup=1)
     by = {r["variant"]: r for r in recs}
-    assert by["gvsl"]["status"] == "ok" and by["gvsl"]["batch"] == 2 and by["gvsl"]["channels_last"]
-    assert by["gvsl"]["samples_per_s"] > 0
-    if (Path(__file__).parent.parent / "benchmarks" / "train_step.py").is_file():
-        assert by["official-style"]["status"] == "ok" and by["official-style"]["batch"] == 1
-        assert by["gvsl"]["x_official"] > 0
+    assert set(by) == {"official-style", "gvsl"} and all(r["status"] == "ok" for r in recs)
+    assert by["gvsl"]["batch"] == 2 and by["gvsl"]["channels_last"] and by["gvsl"]["precision"] == "fp32"
+    assert by["official-style"]["batch"] == 1 and not by["official-style"]["channels_last"]
+    for r in recs:
+        assert r["step_s"]["n"] == 2
+        assert r["samples_per_s"] == pytest.approx(r["batch"] / r["step_s"]["median"])
+    assert by["official-style"]["x_official"] == pytest.approx(1.0)
+    official_rate = by["official-style"]["samples_per_s"]
+    assert by["gvsl"]["x_official"] == pytest.approx(by["gvsl"]["samples_per_s"] / official_rate)
+
+
+def test_official_style_reference_damages_and_deforms():
+    """The official-style reference does the authors' work: Models Genesis damage changes the
+    volume but keeps its shape and dtype; the spatial transform moves all volumes alike."""
+    from gvsl.cli.bench.official import official_appearance, official_spatial
+
+    rng = np.random.default_rng(0)
+    x = np.random.default_rng(1).random((1, 32, 32, 32), dtype=np.float32)
+    damaged = official_appearance(x.copy(), rng)
+    assert damaged.shape == x.shape and damaged.dtype == np.float32
+    assert np.abs(damaged - x).mean() > 0.05
+    a, b = official_spatial([x[0], x[0]], np.random.default_rng(2))
+    np.testing.assert_array_equal(a, b)  # one draw for every volume of the sample
+    assert np.abs(a - x[0]).mean() > 0.05
 
 
 def test_bench_preprocess_small(tmp_path):
     pytest.importorskip("SimpleITK")
-    recs = B.bench_preprocess(shape=(96, 80, 40), repeats=1, workdir=tmp_path)
-    cases = {r["case"] for r in recs}
-    assert "SimpleITK Resample, linear (in memory)" in cases
-    assert any(c.startswith("gvsl read+reorient") for c in cases)
-    assert all(r["time_s"]["median"] > 0 and r["x_sitk_resample"] > 0 for r in recs)
+    recs = benchmark.bench_preprocess(shape=(96, 80, 40), repeats=2, workdir=tmp_path)
     by = {r["case"]: r for r in recs}
+    gvsl_chains = [f"gvsl read+reorient+resample+normalise (.{fmt})" for fmt in ("nii", "nii.gz")] + [
+        "gvsl read+reorient+resample+normalise (.nii.gz, ISA-L, no overlap)",
+        "gvsl read+reorient+resample+normalise (.nii.gz, zlib inflate)",
+    ]
+    assert set(gvsl_chains) <= set(by) and "SimpleITK Resample, linear (in memory)" in by
+    ref = by["SimpleITK Resample, linear (in memory)"]["time_s"]["median"]
+    assert by["SimpleITK Resample, linear (in memory)"]["x_sitk_resample"] == 1.0
+    for r in recs:
+        assert r["time_s"]["n"] == 2
+        assert r["x_sitk_resample"] == pytest.approx(r["time_s"]["median"] / ref)
     for fmt in ("nii", "nii.gz"):  # each gvsl chain is also set against SimpleITK reading the same file
-        assert by[f"gvsl read+reorient+resample+normalise (.{fmt})"]["x_sitk_read_resample"] > 0
-    assert "gvsl read+reorient+resample+normalise (.nii.gz, zlib inflate)" in by
+        peer = by[f"SimpleITK ReadImage+Resample (.{fmt})"]["time_s"]["median"]
+        rec = by[f"gvsl read+reorient+resample+normalise (.{fmt})"]
+        assert rec["x_sitk_read_resample"] == pytest.approx(rec["time_s"]["median"] / peer)
     assert not list(tmp_path.glob("ct.*"))  # the big files are removed
+
+
+def test_the_benchmarked_read_paths_give_the_same_numbers(tmp_path):
+    """The preprocessing benchmark times three ways to read a .nii.gz (overlapped ISA-L, plain
+    ISA-L, nibabel's zlib): each must give the same voxels, or the table compares different work."""
+    rng = np.random.default_rng(0)
+    data = rng.normal(0, 400, size=(70, 64, 40)).astype(np.int16)
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([-0.7, -0.7, 1.0, 1.0])), path)
+    cfg = preprocessing.PreprocessConfig(spacing=(1.0, 1.0, 1.0), modality="ct")
+    isal = preprocessing.load_volume(path, keep_dtype=True)
+    zlib = preprocessing.load_volume(path, keep_dtype=True, isal=False)
+    np.testing.assert_array_equal(isal.data, data)
+    np.testing.assert_array_equal(zlib.data, data)
+    _, overlapped = preprocessing.load_preprocessed(path, cfg)
+    for vol in (isal, zlib):
+        np.testing.assert_array_equal(preprocessing.preprocess(vol, cfg).data, overlapped.data)
 
 
 # ----------------------------------------------------------------------------- int8 runtime mode
@@ -142,7 +195,7 @@ def test_int8_embedder_is_opt_in_cached_and_close_to_fp32(tmp_path, mni_t1_path)
     from gvsl.runtime.backends import quantize_int8, read_onnx_metadata
 
     torch.manual_seed(0)
-    pre = P.PreprocessConfig(spacing=(4.0, 4.0, 4.0), modality="mr")
+    pre = preprocessing.PreprocessConfig(spacing=(4.0, 4.0, 4.0), modality="mr")
     save_model(GVSL(ModelConfig.from_preset("tiny")), tmp_path / "m", preprocess=pre.to_dict(),
                extra={"patch_size": [32, 32, 32]})  # fmt: skip
     run_export(tmp_path / "m", tmp_path / "e", ExportOptions(verify=False))
@@ -191,11 +244,6 @@ def test_train_channels_last_option(tmp_path, mni_t1_path):
     assert TrainConfig.from_dict(old).channels_last is False
 
 
-def test_train_cli_has_speed_options():
-    res = cli("train", "--help")
-    assert "--channels-last" in res.output and "--compile" in res.output
-
-
 # ----------------------------------------------------------------------------- preprocessing: faster, same numbers
 def _reference_load(path: Path) -> np.ndarray:
     return np.ascontiguousarray(nib.load(path).get_fdata(dtype=np.float32).reshape(nib.load(path).shape[:3]))
@@ -214,7 +262,7 @@ def test_fast_load_is_bit_identical_to_nibabel(tmp_path, dtype):
         img.header.set_slope_inter(0.37, -12.0)
     path = tmp_path / f"v_{dtype}.nii"
     nib.save(img, path)
-    vol = P.load_volume(path)
+    vol = preprocessing.load_volume(path)
     # the file's own x-fastest layout: preprocess() resamples it without a full-size transpose
     assert vol.data.flags.f_contiguous and vol.data.dtype == np.float32
     np.testing.assert_array_equal(vol.data, _reference_load(path))
@@ -224,18 +272,18 @@ def test_fast_load_still_rejects_nan(tmp_path):
     arr = np.ones((128, 128, 80), np.float32)
     arr[5, 6, 7] = np.nan
     nib.save(nib.Nifti1Image(arr, np.eye(4)), tmp_path / "nan.nii")
-    with pytest.raises(P.GvslInputError, match="NaN"):
-        P.load_volume(tmp_path / "nan.nii")
+    with pytest.raises(preprocessing.GvslInputError, match="NaN"):
+        preprocessing.load_volume(tmp_path / "nan.nii")
 
 
 @pytest.mark.parametrize(
     "cfg",
     [
-        P.PreprocessConfig(),
-        P.PreprocessConfig(modality="mr", spacing=(1.3, 0.9, 2.0)),
-        P.PreprocessConfig(modality="none"),
-        P.PreprocessConfig(spacing=None),
-        P.PreprocessConfig(canonical=False, spacing=(0.8, 0.8, 0.8)),
+        preprocessing.PreprocessConfig(),
+        preprocessing.PreprocessConfig(modality="mr", spacing=(1.3, 0.9, 2.0)),
+        preprocessing.PreprocessConfig(modality="none"),
+        preprocessing.PreprocessConfig(spacing=None),
+        preprocessing.PreprocessConfig(canonical=False, spacing=(0.8, 0.8, 0.8)),
     ],
 )
 def test_preprocess_equals_the_composition_of_its_steps(cfg):
@@ -244,12 +292,12 @@ def test_preprocess_equals_the_composition_of_its_steps(cfg):
     rng = np.random.default_rng(1)
     data = rng.normal(0, 400, size=(150, 140, 60)).astype(np.float32)
     aff = np.array([[0.0, 0.0, -1.2, 30.0], [-0.7, 0.0, 0.0, 50.0], [0.0, 0.8, 0.0, -20.0], [0, 0, 0, 1]])
-    vol = P.Volume(data.copy(), aff)
-    ref = P.to_canonical(vol) if cfg.canonical else vol
+    vol = preprocessing.Volume(data.copy(), aff)
+    ref = preprocessing.to_canonical(vol) if cfg.canonical else vol
     if cfg.spacing is not None:
-        ref = P.resample(ref, cfg.spacing)
-    expect = P.normalize_intensity(ref.data, cfg)
-    out = P.preprocess(vol, cfg)
+        ref = preprocessing.resample(ref, cfg.spacing)
+    expect = preprocessing.normalize_intensity(ref.data, cfg)
+    out = preprocessing.preprocess(vol, cfg)
     np.testing.assert_array_equal(out.data, expect)
     np.testing.assert_array_equal(out.affine, ref.affine)
     assert out.data.flags.c_contiguous

@@ -28,8 +28,9 @@ from gvsl.export.verify import compare, reference
 from gvsl.io import save_model
 from gvsl.model import GVSL
 from gvsl.runtime import artifact as A
+from gvsl.runtime.geometry import model_affine_convention
 from gvsl.runtime.preprocess import PreprocessConfig
-from gvsl.spatial import identity_grid, sample
+from gvsl.spatial import dvf_warp, identity_grid, sample
 
 PATCH = [32, 32, 32]
 
@@ -178,6 +179,8 @@ def test_metadata_round_trip_through_onnxruntime(exported):
         meta = ort.InferenceSession(str(exported["out"] / name)).get_modelmeta().custom_metadata_map
         assert meta[A.META_FORMAT] == A.FORMAT and meta[A.META_KIND] == kind
         assert ModelConfig.from_json(meta[A.META_MODEL]) == ModelConfig.from_preset("tiny")
+        # the runtime reads the affine convention of a gvsl-trained model from here
+        assert model_affine_convention(json.loads(meta[A.META_MODEL])) == "centered"
         assert PreprocessConfig.from_dict(json.loads(meta[A.META_PREPROCESS])) == PreprocessConfig(
             spacing=None, modality="mr"
         )
@@ -204,6 +207,7 @@ def test_manifest_lists_artifacts_with_hashes_and_parity(exported):
         assert all(p["passed"] for p in a["parity"])
     assert files["registration.onnx"]["outputs"]["dvf"] == ["batch", 3, "depth", "height", "width"]
     assert man["patch_size"] == PATCH and man["patch_size_from"] == "model.json"
+    assert man["model"]["affine_convention"] == "centered"
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []  # no temp leftovers
     assert exported["steps"][-1] == "done"
 
@@ -320,9 +324,95 @@ def test_official_plain_state_dict_exports(tmp_path):
     meta = ort.InferenceSession(str(tmp_path / "out" / "encoder.onnx")).get_modelmeta().custom_metadata_map
     assert json.loads(meta[A.META_PATCH]) == [128, 128, 128]
     assert meta[A.META_WEIGHTS_SHA] == sha256_file(pth)
+    assert model_affine_convention(json.loads(meta[A.META_MODEL])) == "official"  # the authors' quirk
     emb = man["artifacts"][0]["outputs"]["embedding"]
     assert emb == ["batch", 512]
     assert all(p["passed"] for a in man["artifacts"] for p in a["parity"])
+    # the authors' pipeline: stored order (no reorientation), native spacing, [0, 2048] / 2048 of HU + 1024
+    assert man["preprocess"] == {"spacing": None, "modality": "ct", "ct_window": [-1024.0, 1024.0],
+                                 "mr_percentiles": [0.5, 99.5], "canonical": False}  # fmt: skip
+    assert man["model"]["affine_head"] == "identity"
+    from gvsl.io import load_model
+
+    model, meta = load_model(pth)  # what the torch backend reads
+    assert meta["preprocess"] == man["preprocess"] and model.config.affine_head == "identity"
+
+
+@pytest.fixture(scope="module")
+def official_tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny-width official-format ``.pth`` (random heads: its affine is far from the identity),
+    exported as an official import and with ``--official-affine``."""
+    base = tmp_path_factory.mktemp("official")
+    torch.manual_seed(3)
+    pth = base / "GVSL_epoch_1.pth"
+    torch.save(GVSL(ModelConfig.from_preset("tiny")).state_dict(), pth)
+    res = CliRunner().invoke(app, ["export", str(pth), "-o", str(base / "identity"), "--widths", "tiny",
+                                   "--verify-shape", "1,16,16,16"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "registration uses the identity affine" in res.output
+    res = CliRunner().invoke(app, ["export", str(pth), "-o", str(base / "trained"), "--widths", "tiny",
+                                   "--verify-shape", "1,16,16,16", "--official-affine", "--quiet"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    return {"pth": pth, "identity": base / "identity", "trained": base / "trained"}
+
+
+def test_official_import_registers_with_the_identity_affine(official_tiny):
+    from gvsl.io import load_official
+
+    model = load_official(official_tiny["pth"], ModelConfig.from_preset("tiny"), affine_head="trained").eval()
+    torch.manual_seed(4)
+    fixed, moving = torch.rand(2, 1, 1, 16, 32, 16)
+    with torch.no_grad():
+        fixed_feats, moving_feats = model.encode(fixed), model.encode(moving)
+        head_affine, _ = model.match(fixed_feats, moving_feats)
+        deform_only = model.deform_head(moving_feats[1], fixed_feats[1], None)
+    assert (head_affine - torch.eye(3, 4)).abs().max() > 1e-2  # the released head is not the identity
+    feeds = {"fixed": fixed.numpy(), "moving": moving.numpy()}
+    ident = ort.InferenceSession(str(official_tiny["identity"] / "registration.onnx")).run(None, feeds)
+    trained = ort.InferenceSession(str(official_tiny["trained"] / "registration.onnx")).run(None, feeds)
+    assert np.array_equal(ident[0], np.eye(3, 4, dtype=np.float32)[None])
+    assert np.abs(ident[1] - deform_only.numpy()).max() < 1e-5  # the fused field is the deformable head's
+    assert np.abs(trained[0] - head_affine.numpy()).max() < 1e-5
+    assert np.abs(trained[1] - ident[1]).max() > 1e-3
+    identity_manifest = json.loads((official_tiny["identity"] / "manifest.json").read_text())
+    trained_manifest = json.loads((official_tiny["trained"] / "manifest.json").read_text())
+    assert identity_manifest["model"]["affine_head"] == "identity"
+    assert trained_manifest["model"]["affine_head"] == "trained"
+    assert identity_manifest["preprocess"]["spacing"] is None and identity_manifest["preprocess"]["canonical"] is False
+
+
+def test_info_says_which_affine_registration_applies(official_tiny, tiny_run, tmp_path):
+    folder = CliRunner().invoke(app, ["info", str(official_tiny["identity"])])
+    graph = CliRunner().invoke(app, ["info", str(official_tiny["identity"] / "registration.onnx")])
+    trained = CliRunner().invoke(app, ["info", str(official_tiny["trained"])])
+    for res in (folder, graph, trained):
+        assert res.exit_code == 0, res.output
+    assert "registration affine: registration uses the identity affine" in folder.output
+    assert "registration affine: registration uses the identity affine" in graph.output
+    assert "registration affine: the affine head's output (trained)" in trained.output
+    assert '"canonical": false' in folder.output
+    res = _cli(str(tiny_run), "-o", str(tmp_path / "out"), "--official-affine")
+    assert res.exit_code == 2 and "--official-affine is for official .pth checkpoints" in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_register_of_an_official_import_is_the_deformable_head_alone(official_tiny):
+    """What the torch backend runs (``GVSL.register``); training's forward still runs the affine head."""
+    from gvsl.io import load_official
+
+    tiny = ModelConfig.from_preset("tiny")
+    imported = load_official(official_tiny["pth"], tiny).eval()
+    released = load_official(official_tiny["pth"], tiny, affine_head="trained").eval()
+    torch.manual_seed(6)
+    fixed, moving = torch.rand(2, 2, 1, 16, 16, 32)
+    with torch.no_grad():
+        affine, dvf, warped = imported.register(fixed, moving)
+        local = imported.deform_head(imported.encode(moving)[1], imported.encode(fixed)[1], None)
+        assert torch.equal(affine, torch.eye(3, 4).expand(2, 3, 4)) and torch.equal(dvf, local)
+        assert torch.allclose(warped, dvf_warp(moving, local), atol=1e-6)
+        trained_affine = released.register(fixed, moving)[0]
+        assert torch.equal(imported(fixed, moving).affine, released(fixed, moving).affine)
+    assert (trained_affine - affine).abs().max() > 1e-2
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -1,13 +1,16 @@
-"""Checkpoint compatibility and numerical parity with the authors' GVSL code."""
+"""Checkpoint compatibility and numerical parity with the authors' GVSL code.
+
+The reference outputs (``data/official_parity_32.npz``) come from the authors' code run with the
+deterministic weights of :mod:`parity_fixture` (spec: ``data/official_parity_32.md``)."""
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from parity_fixture import deterministic_state, official_keys
 
 from gvsl.config import ModelConfig
 from gvsl.io import WeightsError, load_official
@@ -15,31 +18,6 @@ from gvsl.model import GVSL
 from gvsl.spatial import affine_warp, dvf_warp
 
 DATA = Path(__file__).parent / "data"
-
-
-def official_keys() -> dict[str, tuple[int, ...]]:
-    rows = {}
-    for line in (DATA / "gvsl_official_state_dict.tsv").read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        name, shape, _dtype = line.split("\t")
-        rows[name] = tuple(int(s) for s in shape.split("x"))
-    return rows
-
-
-def deterministic_state() -> dict[str, torch.Tensor]:
-    """The fixture's weights, rebuilt as shared/parity/README.md prescribes."""
-    state = {}
-    for name, shape in official_keys().items():
-        rng = np.random.default_rng(zlib.crc32(name.encode()))
-        if name.endswith("weight") and len(shape) >= 2:
-            arr = rng.normal(0, np.sqrt(2 / np.prod(shape[1:])), shape)
-        elif name.endswith("weight"):
-            arr = 1 + 0.1 * rng.normal(size=shape)
-        else:
-            arr = 0.05 * rng.normal(size=shape)
-        state[name] = torch.from_numpy(arr.astype(np.float32))
-    return state
 
 
 def test_default_state_dict_matches_official_tsv():

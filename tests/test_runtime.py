@@ -24,10 +24,11 @@ from typer.testing import CliRunner
 
 from gvsl.cli.main import app
 from gvsl.runtime import GvslInputError
-from gvsl.runtime.backends import Backend, ModelInfo, OnnxRuntimeBackend, TorchBackend, load_backend
+from gvsl.runtime.backends import Backend, ModelInfo, OnnxRuntimeBackend, load_backend
 from gvsl.runtime.embed import Embedder, gaussian_weight, window_starts
 from gvsl.runtime.io import list_inputs, read_volume
 from gvsl.runtime.preprocess import PreprocessConfig, load_volume, pad_to_multiple, preprocess
+from gvsl.torch_backend import TorchBackend
 
 PATCH = (32, 32, 32)
 PRE = PreprocessConfig(spacing=(4.0, 4.0, 4.0), modality="mr")

@@ -259,8 +259,9 @@ def test_network_affine_to_voxel_matches_gvsl_spatial():
     rng = np.random.default_rng(0)
     for shape in ((32, 48, 16), (16, 16, 16), (64, 32, 48)):
         mat = np.concatenate([np.eye(3) + rng.normal(0, 0.1, (3, 3)), rng.normal(0, 0.2, (3, 1))], axis=1)
-        ref = affine_to_voxel(torch.from_numpy(mat)[None], shape)[0].numpy()
-        np.testing.assert_allclose(network_affine_to_voxel(mat, shape), ref, atol=1e-10)
+        for convention in ("centered", "official"):
+            ref = affine_to_voxel(torch.from_numpy(mat)[None], shape, convention)[0].numpy()
+            np.testing.assert_allclose(network_affine_to_voxel(mat, shape, convention), ref, atol=1e-10)
 
 
 def test_world_matrix_maps_fixed_to_moving_points(known_pair, registrar):

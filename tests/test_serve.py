@@ -279,6 +279,56 @@ def test_served_results_equal_the_in_process_runtime(server, local, volumes, pro
                 assert got.metrics[k] == pytest.approx(ref.metrics[k], rel=1e-12, abs=1e-12), k
 
 
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status
+    except Exception:  # noqa: BLE001 - refused, 400 "not ready", timeouts: all "not yet"
+        return 0
+
+
+def test_a_request_sent_the_moment_readiness_turns_true_succeeds(serve_python, tiny, tmp_path, local, volumes):
+    """The documented probes — each model's /v2/models/NAME/ready and --ready-file — turn true only
+    when that model answers: a request sent at once succeeds and equals the in-process result.
+    (Triton's server-level /v2/health/ready turns true before PyTriton has loaded the models.)"""
+    embedder, registrar = local
+    http, grpc, metrics = free_ports(3)
+    ready_file = tmp_path / "ready"
+    cmd = [
+        sys.executable, "-m", "gvsl.cli.main", "serve", "--model", str(tiny[1]), "--python", serve_python,
+        "--host", "127.0.0.1", "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+        "--device", "cpu", "--exit-timeout", "5", "--ready-file", str(ready_file), "--quiet",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "_GVSL_SERVE_CHILD"}
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    srv = Server(proc, http, grpc, metrics, log)
+    base = f"http://127.0.0.1:{http}"
+    try:
+        deadline = time.monotonic() + 120
+        while _status(f"{base}/v2/models/{EMBED_MODEL}/ready") != 200:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.01)
+        with GvslClient(base) as client:  # at once: the embed model says it is ready
+            got = client.embed(volumes["small"]).embedding
+        np.testing.assert_array_equal(got, embedder.embed(volumes["small"]).embedding)
+        while not ready_file.is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.01)
+        with GvslClient(base) as client:  # at once: every model is ready
+            reg = client.register(volumes["small"], volumes["small"])
+            emb = client.embed(volumes["t1"]).embedding
+        ref = registrar.register(volumes["small"], volumes["small"])
+        np.testing.assert_array_equal(reg.warped, ref.warped)
+        np.testing.assert_array_equal(emb, embedder.embed(volumes["t1"]).embedding)
+        assert json.loads(ready_file.read_text())["ready"] == [EMBED_MODEL, REGISTER_MODEL]
+        assert srv.stop() == 0
+        assert not ready_file.exists()  # removed as soon as it stopped
+    finally:
+        srv.stop()
+
+
 def test_triton_endpoints_config_and_metrics(server):
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
@@ -653,7 +703,8 @@ def test_torchrun_two_nodes_c10d_rendezvous(tmp_path, mni_small_arrays):
     on 127.0.0.1, gloo; both join one job and the checkpoint holds both ranks' streams."""
     import torch
 
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    beside = Path(sys.executable).with_name("torchrun")  # this interpreter's, not another install's on PATH
+    torchrun = str(beside) if beside.is_file() else shutil.which("torchrun")
     data = tmp_path / "data"
     data.mkdir()
     t1 = mni_small_arrays["t1"].astype(np.float32)

@@ -4,6 +4,7 @@ bad input gets one clear line."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -247,9 +248,16 @@ def test_cli_skip_bad_trains_on_the_rest(mni_dir, tmp_path):
     assert len(meta["train"]["data"]) == 4
 
 
+def torchrun_command() -> str:
+    """The torchrun of this interpreter's environment: a torchrun found first on PATH may
+    belong to another Python, with another gvsl installed."""
+    beside = Path(sys.executable).with_name("torchrun")
+    return str(beside) if beside.is_file() else shutil.which("torchrun") or "torchrun"
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_gloo(mni_dir, tmp_path):
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    torchrun = torchrun_command()
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "gvsl.cli.main", "train", str(mni_dir),
@@ -262,3 +270,161 @@ def test_torchrun_two_processes_gloo(mni_dir, tmp_path):
     assert ranks[0]["data"]["rng"] != ranks[1]["data"]["rng"]  # per-rank data streams
     model, _ = load_model(out / "model")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- distributed collectives
+class RecordingProcessGroup:
+    """Stands in for ``torch.distributed`` as a two-rank group of whatever backend the loop asks for.
+
+    Like torch, it hands a tensor collective to the backend registered for the
+    tensor's device type and fails when there is none (an NCCL-only group has no
+    CPU backend); object collectives and barriers use torch's rule for them
+    (CPU when a CPU backend is present). Every call is recorded as
+    ``(collective, device type, backend)``. The other rank votes ``other_flag``.
+    """
+
+    ReduceOp = torch.distributed.ReduceOp
+
+    def __init__(self, other_flag: float = 0.0) -> None:
+        self.backend: str | None = None
+        self.other_flag = other_flag
+        self.calls: list[tuple[str, str, str]] = []
+
+    def is_initialized(self) -> bool:
+        return self.backend is not None
+
+    def init_process_group(self, backend: str, **kwargs) -> None:
+        self.backend = backend
+
+    def carriers(self) -> dict[str, str]:
+        """Device type -> backend, as ``init_process_group`` reads its backend string."""
+        if ":" not in self.backend:
+            return {"cuda": "nccl"} if self.backend == "nccl" else {"cpu": self.backend}
+        return dict(part.split(":") for part in self.backend.split(","))
+
+    def _use(self, collective: str, device_type: str) -> None:
+        carriers = self.carriers()
+        if device_type not in carriers:
+            raise RuntimeError(f"{collective}: a {self.backend} group has no backend for {device_type} tensors")
+        self.calls.append((collective, device_type, carriers[device_type]))
+
+    def _object_device(self) -> str:
+        carriers = self.carriers()
+        return "cpu" if "cpu" in carriers else next(iter(carriers))
+
+    def all_reduce(self, tensor: torch.Tensor, op=None) -> None:
+        self._use("all_reduce", tensor.device.type)
+        tensor.fill_(max(float(tensor.max()), self.other_flag))
+
+    def all_gather_object(self, out: list, obj) -> None:
+        self._use("all_gather_object", self._object_device())
+        out[:] = [obj, obj]
+
+    def barrier(self, **kwargs) -> None:
+        self._use("barrier", self._object_device())
+
+    def destroy_process_group(self) -> None:
+        self.backend = None
+
+
+@pytest.mark.parametrize(
+    ("device", "carriers"), [("cuda:0", {"cpu": "gloo", "cuda": "nccl"}), ("cpu", {"cpu": "gloo"})]
+)
+def test_every_collective_uses_a_backend_of_its_device(monkeypatch, device, carriers):
+    """On GPUs the group carries DDP's CUDA gradients on NCCL and the loop's own CPU
+    collectives on gloo: an NCCL-only group would reject the first stop-flag vote."""
+    from gvsl import train as training
+
+    group = RecordingProcessGroup(other_flag=1.0)
+    monkeypatch.setattr(training, "dist", group)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    ddp = training._Distributed(torch.device(device))
+    assert group.carriers() == carriers
+    assert ddp.any(False) is True  # the other rank's vote reaches this one
+    group.other_flag = 0.0
+    assert ddp.any(False) is False and ddp.any(True) is True
+    assert ddp.gather({"rank": 0}) == [{"rank": 0}, {"rank": 0}]
+    ddp.barrier()
+    ddp.close()
+    assert [c[0] for c in group.calls] == ["all_reduce"] * 3 + ["all_gather_object", "barrier"]
+    assert {(device_type, backend) for _, device_type, backend in group.calls} == {("cpu", "gloo")}
+
+
+def test_the_loop_calls_torch_distributed_only_through_its_collectives_class():
+    """Every collective of gvsl/train.py lives in ``_Distributed`` (checked above), none elsewhere."""
+    import ast
+
+    from gvsl import train as training
+
+    tree = ast.parse(Path(training.__file__).read_text())
+    inside = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == "_Distributed":
+            inside |= {id(n) for n in ast.walk(node)}
+    uses = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "dist"
+    ]
+    outside = [node.lineno for node in uses if id(node) not in inside]
+    assert len(uses) >= 6 and not outside, f"torch.distributed used outside _Distributed at lines {outside}"
+
+
+# ----------------------------------------------------------------------------- non-finite loss
+class NaNAtSecondCall(GVSLLoss):
+    """The GVSL loss with a NaN total at its second call (the loop's step 2)."""
+
+    calls = 0
+
+    def forward(self, *args, **kwargs):
+        terms = super().forward(*args, **kwargs)
+        type(self).calls += 1
+        if type(self).calls == 2:
+            terms.total = terms.total * float("nan")
+        return terms
+
+
+def test_nonfinite_loss_saves_the_weights_before_it_and_resumes(mni_dir, tmp_path, monkeypatch):
+    from gvsl import train as training
+
+    one = train(train_cfg(mni_dir, tmp_path / "one", iterations=1), log=lambda s: None)
+    monkeypatch.setattr(training, "GVSLLoss", NaNAtSecondCall)
+    NaNAtSecondCall.calls = 0
+    with pytest.raises(GvslInputError, match=r"loss became nan at step 2; the weights before it \(step 1\)"):
+        train(train_cfg(mni_dir, tmp_path / "run", iterations=5), log=lambda s: None)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 1
+    # the update of the NaN step was skipped: the weights are those after step 1, bit for bit
+    after_one = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for name, value in state["model"].items():
+        assert torch.equal(value, after_one[name]), name
+    monkeypatch.setattr(training, "GVSLLoss", GVSLLoss)
+    done = train(train_cfg(mni_dir, tmp_path / "run", iterations=3), resume=True, log=lambda s: None)
+    assert done.step == 3 and done.model_dir is not None
+    assert math.isfinite(done.last_metrics["total"])
+    assert one.step == 1
+
+
+@pytest.mark.slow
+def test_torchrun_nonfinite_loss_on_one_rank_stops_every_rank(mni_dir, tmp_path):
+    """Rank 1 alone sees NaN: both ranks agree before any update, save one checkpoint,
+    leave with one clear line, and the run resumes from it (a deadlock would hang until
+    gloo's 30-minute timeout: the 60 s limit catches it)."""
+    torchrun = torchrun_command()
+    worker = Path(__file__).with_name("ddp_nonfinite_worker.py")
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["train", str(mni_dir), "-o", str(out), "--iterations", "4", "--quiet", *TINY]
+    p = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", str(worker), *args],
+                       capture_output=True, text=True, env=env, timeout=60, check=False)  # fmt: skip
+    assert p.returncode != 0, p.stderr[-3000:]
+    assert "loss became nan on rank 1 at step 2; the weights before it (step 1)" in p.stderr, p.stderr[-3000:]
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 1 and len(json.loads(state["rng"])) == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    resume = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "gvsl.cli.main", *args, "--resume"]
+    resumed = subprocess.run(resume, capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == 4

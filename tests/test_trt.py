@@ -141,3 +141,23 @@ def test_bf16_engine_builds_and_keeps_embeddings(built, tmp_path):
     ref = reference(built["model"], A.ENCODER, [x])[0]
     cos = (emb * ref).sum(1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(ref, axis=1)
     assert cos.min() >= 0.99
+
+
+@pytest.mark.parametrize("kind", [A.ENCODER, A.REGISTRATION])
+def test_runtime_loads_the_exported_engines(built, kind):
+    """The TensorRT backend runs the `.engine` files export wrote (checked against the manifest)
+    and gives the PyTorch model's numbers, like run_engine."""
+    from gvsl.runtime.backends import TensorRTBackend, load_backend
+
+    rng = np.random.default_rng(3)
+    names = A.ENCODER_INPUTS if kind == A.ENCODER else A.REGISTRATION_INPUTS
+    inputs = [rng.random((1, 1, 32, 32, 32), dtype=np.float32) for _ in names]
+    ref = reference(built["model"], kind, inputs)
+    outputs = A.ENCODER_OUTPUTS if kind == A.ENCODER else A.REGISTRATION_OUTPUTS
+    backend = load_backend(_engines(built)[(kind, "fp32")], kind, "auto", "cuda")
+    assert isinstance(backend, TensorRTBackend)
+    got = backend.run(dict(zip(names, inputs, strict=True)))
+    for name, r in zip(outputs, ref, strict=True):
+        par, why = compare(name, got[name], r, "fp32")
+        assert not why, why
+    backend.close()

@@ -1,0 +1,278 @@
+"""Instance refinement: the core op (gvsl.refine), its exported graph (refine.onnx) and the
+runtime's use of it (coarse-to-fine, initial alignment, Dice reporting)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from typer.testing import CliRunner
+
+from gvsl.cli.main import app
+from gvsl.export.refine_graph import REFINE_ATOL, check_refine_tensorrt, export_refine, verify_refine
+from gvsl.refine import RefineSettings, cc_force, local_cc, refine, sample_clamped
+from gvsl.runtime import GvslInputError
+from gvsl.runtime.backends import load_backend
+from gvsl.runtime.default_model import default_model_dir
+from gvsl.runtime.metrics import dice, folding_stats, jacobian_determinant
+from gvsl.runtime.preprocess import volume_from_array
+from gvsl.runtime.refine import RefineOptions, plan_levels
+from gvsl.runtime.register import Registrar, fov_overlap, initial_shift
+from gvsl.spatial import dvf_warp, identity_grid
+
+runner = CliRunner()
+
+
+def _phantom(shape=(28, 30, 26)) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth two-label phantom: an ellipsoid with an inner blob, textured."""
+    idx = np.indices(shape).astype(np.float64)
+    centre = (np.asarray(shape) - 1) / 2
+    r = np.sqrt(sum(((idx[a] - centre[a]) / (0.36 * shape[a])) ** 2 for a in range(3)))
+    inner = np.sqrt(sum(((idx[a] - centre[a] - 2) / (0.17 * shape[a])) ** 2 for a in range(3)))
+    labels = np.where(inner < 1, 2, np.where(r < 1, 1, 0)).astype(np.uint8)
+    rng = np.random.default_rng(3)
+    image = labels * 0.4 + 0.05 * ndimage.gaussian_filter(rng.standard_normal(shape), 1.0)
+    return ndimage.gaussian_filter(image, 0.7).astype(np.float32), labels
+
+
+def _known_field(shape, amplitude=2.5) -> torch.Tensor:
+    """A smooth pull-back field [1, 3, *shape] in voxels (peak ``amplitude``)."""
+    idx = np.indices(shape).astype(np.float64)
+    field = np.stack(
+        [
+            amplitude * np.sin(idx[1] / 6.0),
+            amplitude * np.cos(idx[2] / 7.0 + 0.3),
+            amplitude * np.sin(idx[0] / 5.0 - 0.2),
+        ]
+    )
+    return torch.from_numpy(field.astype(np.float32))[None]
+
+
+def _det_min(field: torch.Tensor) -> float:
+    grads = np.stack(np.gradient(field[0].numpy(), axis=(1, 2, 3)), 1) + np.eye(3)[:, :, None, None, None]
+    return float(np.linalg.det(np.moveaxis(grads, (0, 1), (-2, -1))).min())
+
+
+def test_refinement_recovers_a_known_deformation():
+    image, labels = _phantom()
+    fixed = torch.from_numpy(image)[None, None]
+    truth = _known_field(image.shape)
+    moving = dvf_warp(fixed, -truth)  # moving(p) ~ fixed(p - truth(p)): the answer is about +truth
+    moving_labels = dvf_warp(torch.from_numpy(labels.astype(np.float32))[None, None], -truth, mode="nearest")
+    before = np.mean([dice(labels == k, moving_labels[0, 0].numpy() == k) for k in (1, 2)])
+    field = refine(fixed, moving, None, iterations=60, step=0.5, regularisation=0.3)
+    warped_labels = dvf_warp(moving_labels, field, mode="nearest")[0, 0].numpy()
+    after = np.mean([dice(labels == k, warped_labels == k) for k in (1, 2)])
+    warped = dvf_warp(moving, field)
+    assert local_cc(fixed, warped) > local_cc(fixed, moving) + 0.05
+    assert after > before + 0.08, (before, after)
+    assert _det_min(field) > 0.0  # invertible: no folding
+
+
+def test_zero_iterations_and_identical_images():
+    image, labels = _phantom((16, 18, 14))
+    fixed = torch.from_numpy(image)[None, None]
+    start = _known_field(image.shape, 0.7)
+    assert torch.equal(refine(fixed, fixed, start, iterations=0), start)
+    # identical images: the force of the first step is ~0 (the bracket of the CC gradient is exact);
+    # later steps jitter by a fraction of a voxel (fixed-gain steps near the optimum), labels stay put
+    first = refine(fixed, fixed, torch.zeros_like(start), iterations=1)
+    assert float(first.abs().max()) < 1e-3
+    moved = refine(fixed, fixed, torch.zeros_like(start), iterations=30)
+    kept = dvf_warp(torch.from_numpy(labels.astype(np.float32))[None, None], moved, mode="nearest")[0, 0].numpy()
+    assert min(dice(labels == k, kept == k) for k in (1, 2)) > 0.9
+
+
+def test_cc_force_points_along_the_shift():
+    image, _ = _phantom((24, 24, 24))
+    fixed = torch.from_numpy(image)[None, None]
+    moving = torch.roll(fixed, shifts=1, dims=2)  # moving(p) = fixed(p - e_d): the answer is dvf_d = +1
+    force = cc_force(fixed, moving)
+    assert float(force[0, 0].sum()) > 10 * abs(float(force[0, 1].sum())) > 0
+
+
+def test_clamped_sampler_matches_between_eager_and_traced_paths():
+    rng = np.random.default_rng(0)
+    src = torch.from_numpy(rng.random((1, 3, 9, 10, 11), dtype=np.float32))
+    locs = identity_grid((9, 10, 11)) + torch.from_numpy(rng.normal(0, 2.0, (1, 3, 9, 10, 11)).astype(np.float32))
+    eager = sample_clamped(src, locs)
+    traced = torch.jit.trace(sample_clamped, (src, locs), check_trace=False)(src, locs)
+    assert float((eager - traced).abs().max()) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def refine_onnx(tmp_path_factory) -> Path:
+    return export_refine(tmp_path_factory.mktemp("refine") / "refine.onnx", RefineSettings(radius=2, sigma_update=1.5))
+
+
+def test_refine_graph_matches_torch_after_iterations(refine_onnx):
+    result = verify_refine(refine_onnx, RefineSettings(radius=2, sigma_update=1.5))
+    assert result["passed"] and result["max_abs"] <= REFINE_ATOL
+    # a non-cubic pair, a non-zero start and other run-time inputs, through the runtime backend
+    image, _ = _phantom((20, 23, 17))
+    moving = np.roll(image, 2, axis=1)
+    start = _known_field(image.shape, 0.5)
+    backend = load_backend(refine_onnx, "refine", "onnxruntime", "cpu")
+    out = backend.run(
+        {
+            "fixed": image[None, None],
+            "moving": moving[None, None],
+            "dvf": start.numpy(),
+            "iterations": np.array(7, np.int64),
+            "step": np.array([0.4], np.float32),
+            "regularisation": np.array([0.6], np.float32),
+        }
+    )
+    settings = RefineSettings(radius=2, sigma_update=1.5)
+    ref = refine(
+        torch.from_numpy(image)[None, None], torch.from_numpy(moving)[None, None], start, 7, 0.4, 0.6, settings
+    )
+    assert np.abs(out["dvf_refined"] - ref.numpy()).max() <= REFINE_ATOL
+    warped = sample_clamped(torch.from_numpy(moving)[None, None], identity_grid(image.shape) + ref)
+    assert abs(float(out["similarity"][0]) - float(local_cc(torch.from_numpy(image)[None, None], warped, 2))) < 1e-4
+
+
+def test_refine_graph_passes_the_tensorrt_op_check(refine_onnx):
+    assert check_refine_tensorrt(refine_onnx) == []
+
+
+def test_shipped_default_model_has_a_current_refine_graph():
+    shipped = default_model_dir() / "refine.onnx"
+    assert verify_refine(shipped)["passed"]
+    meta = load_backend(shipped, "refine", "onnxruntime", "cpu").info.extra["refine"]
+    assert meta == RefineSettings().to_dict()
+
+
+# ----------------------------------------------------------------------------- initial alignment
+def _box_volume(origin, shape=(30, 30, 30), spacing=2.0, offset_vox=(0, 0, 0)) -> object:
+    data = np.zeros(shape, np.float32)
+    o = np.asarray(offset_vox)
+    box = (slice(8 + o[0], 20 + o[0]), slice(9 + o[1], 22 + o[1]), slice(7 + o[2], 18 + o[2]))
+    data[box] = 100.0 + np.random.default_rng(0).random(data[box].shape) * 50.0
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = origin
+    return volume_from_array(data, affine, f"box@{origin}")
+
+
+def test_init_auto_picks_moments_far_apart_and_world_when_overlapping():
+    from gvsl.runtime.preprocess import PreprocessConfig, preprocess
+
+    cfg = PreprocessConfig(spacing=(2.0, 2.0, 2.0), modality="mr")
+    fixed = _box_volume((0.0, 0.0, 0.0))
+    far = _box_volume((400.0, 0.0, 0.0), offset_vox=(3, 0, 0))  # origins 400 mm apart
+    near = _box_volume((6.0, -4.0, 0.0))
+    assert fov_overlap(fixed, far) == 0.0 and fov_overlap(fixed, near) > 0.7
+    shift, used = initial_shift("auto", fixed, far, preprocess(fixed, cfg), preprocess(far, cfg))
+    assert used == "moments"
+    np.testing.assert_allclose(shift, [400.0 + 6.0, 0.0, 0.0], atol=0.5)  # the blobs' centres of mass meet
+    shift, used = initial_shift("auto", fixed, near, preprocess(fixed, cfg), preprocess(near, cfg))
+    assert used == "world" and np.all(shift == 0)
+
+
+def test_no_overlap_even_after_alignment_is_one_clear_error():
+    from gvsl.runtime.preprocess import PreprocessConfig, preprocess
+
+    cfg = PreprocessConfig(spacing=(2.0, 2.0, 2.0), modality="mr")
+    fixed = _box_volume((0.0, 0.0, 0.0))
+    far = _box_volume((400.0, 0.0, 0.0))
+    with pytest.raises(GvslInputError, match="does not overlap"):
+        initial_shift("world", fixed, far, preprocess(fixed, cfg), preprocess(far, cfg))
+
+
+def test_refine_options_and_levels_are_checked():
+    with pytest.raises(GvslInputError, match="--regularisation"):
+        RefineOptions(regularisation=1.5)
+    with pytest.raises(GvslInputError, match="--refine -1"):
+        RefineOptions(iterations=-1)
+    with pytest.raises(GvslInputError, match="--similarity"):
+        RefineOptions(similarity="mi")
+    fine = _box_volume((0.0, 0.0, 0.0), spacing=3.0)
+    assert plan_levels((8.0, 4.0, 2.0, 1.0), fine) == [8.0, 4.0, 3.0]  # nothing finer than the scan
+
+
+# ----------------------------------------------------------------------------- through the runtime
+@pytest.fixture(scope="module")
+def mni_pair():
+    from gvsl.synth import load_template, make_subject
+
+    template = load_template("sample", spacing=4.0)
+    rng = np.random.default_rng(1000)
+    a, b = make_subject(template, rng), make_subject(template, rng)
+    return a, b
+
+
+def test_registrar_refinement_beats_the_network_on_an_unseen_pair(mni_pair):
+    a, b = mni_pair
+    fixed = volume_from_array(a.image * 1000, a.affine, "fixed")
+    moving = volume_from_array(b.image * 1000, b.affine, "moving")
+    kwargs = dict(
+        labels=volume_from_array(b.labels, b.affine, "ml"), fixed_labels=volume_from_array(a.labels, a.affine, "fl")
+    )
+    with Registrar(default_model_dir(), threads=2) as reg:
+        network = reg.register(fixed, moving, refine=RefineOptions(iterations=0), **kwargs)
+        refined = reg.register(fixed, moving, refine=RefineOptions(iterations=25, levels=(4.0,)), **kwargs)
+    assert refined.dice["ml"]["mean"] > network.dice["ml"]["mean"] + 0.03
+    assert refined.metrics["ncc_after"] > network.metrics["ncc_after"]
+    assert refined.metrics["folding_percent"] < 0.05
+    assert [lvl["spacing_mm"] for lvl in refined.refinement] == [4.0]
+    assert set(refined.stages) >= {"read and preprocess", "network", "refine 4 mm", "warp", "metrics"}
+    # the Dice reported is the Dice of the labels it returns
+    assert refined.dice["ml"]["1"] == pytest.approx(dice(refined.labels[0] == 1, a.labels == 1))
+    det = jacobian_determinant(refined.dvf_mm, refined.affine)
+    assert folding_stats(det)[0] > 0
+
+
+def test_missing_refine_graph_warns_and_registers_with_the_network(tmp_path, mni_pair, monkeypatch):
+    import shutil
+
+    from gvsl.runtime import register as register_module
+
+    folder = tmp_path / "old-export"
+    folder.mkdir()
+    for name in ("registration.onnx", "manifest.json"):
+        shutil.copy(default_model_dir() / name, folder / name)
+    monkeypatch.setattr(register_module, "_refine_file", lambda model: None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reg = Registrar(folder, threads=2)
+    assert any("no refine.onnx" in str(w.message) for w in caught)
+    a, b = mni_pair
+    with pytest.raises(GvslInputError, match="--refine 0"):
+        reg.register(volume_from_array(a.image, a.affine), volume_from_array(b.image, b.affine))
+    res = reg.register(
+        volume_from_array(a.image, a.affine), volume_from_array(b.image, b.affine), refine=RefineOptions(iterations=0)
+    )
+    assert res.refinement == []
+
+
+def test_cli_register_reports_dice_init_and_stages(tmp_path, mni_pair):
+    a, b = mni_pair
+    paths = {}
+    for name, arr in (("f", a.image * 1000), ("m", b.image * 1000), ("fl", a.labels), ("ml", b.labels)):
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(arr, a.affine), paths[name])
+    metrics = tmp_path / "metrics.json"
+    res = runner.invoke(
+        app,
+        [
+            "register", str(paths["f"]), str(paths["m"]), "-o", str(tmp_path / "w.nii.gz"),
+            "--labels", str(paths["ml"]), "--fixed-labels", str(paths["fl"]), "--metrics", str(metrics),
+            "--refine", "10", "--refine-levels", "4", "--regularisation", "0.5", "--quiet",
+        ],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    payload = json.loads(metrics.read_text())
+    assert payload["init"] == "world"
+    assert [lvl["spacing_mm"] for lvl in payload["refinement"]] == [4.0]
+    written = np.asarray(nib.load(str(tmp_path / "ml_warped.nii.gz")).dataobj)
+    scores = next(iter(payload["dice"].values()))
+    assert scores["2"] == pytest.approx(dice(written == 2, a.labels == 2), abs=1e-9)
+    bad = runner.invoke(app, ["register", str(paths["f"]), str(paths["m"]), "-o", str(tmp_path / "x.nii.gz"),
+                              "--regularisation", "3"])  # fmt: skip
+    assert bad.exit_code != 0 and "--regularisation 3" in bad.output and "Traceback" not in bad.output
