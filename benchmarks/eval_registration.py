@@ -62,6 +62,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from gvsl.runtime.default_model import default_model_dir
 from gvsl.runtime.metrics import dice, folding_stats, jacobian_determinant, ncc
 from gvsl.runtime.preprocess import save_nifti
 from gvsl.runtime.warp import grid_world_coordinates, resample_to_grid, warp_by_displacement
@@ -576,7 +577,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "model": args.model or "gvsl/assets/default (shipped)",
+        "model": args.model or str(default_model_dir()),
         "gvsl": args.gvsl,
         "gvsl_register_options": sorted(OPTIONS.get(args.gvsl, set())),
         "peer_versions": peer_versions(args.peers_python)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gvsl.runtime.default_model import default_model_dir
 from gvsl.runtime.io import save_displacement_field
 from gvsl.runtime.metrics import dice, jacobian_determinant
 from gvsl.runtime.preprocess import save_nifti
@@ -147,7 +148,9 @@ def test_gvsl_row_end_to_end_on_one_sample_pair(bench, tmp_path):
                       "--methods", "gvsl"])  # fmt: skip
     before, row = res["rows"]
     assert (before["method"], row["method"]) == ("before", "gvsl") and "error" not in row
-    assert row["dice_mean"] > before["dice_mean"] + 0.03 and row["ncc"] > before["ncc"]
+    assert res["model"] == str(default_model_dir())
+    assert row["dice_mean"] > before["dice_mean"] + 0.03 and row["ncc"] > before["ncc"] + 0.02
+    assert row["dice_gm"] > before["dice_gm"] and row["dice_wm"] > before["dice_wm"] and row["folding_percent"] < 1.0
     reported = row["runs"][0]["gvsl_metrics"]
     assert row["folding_percent"] == pytest.approx(reported["folding_percent"], abs=1e-9)
     assert row["seconds"] == row["process_seconds"] > 0 and row["peak_rss_mib"] > 50
