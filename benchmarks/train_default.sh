@@ -11,7 +11,11 @@
 # (the recipe's "held_out"): pyradiomics_brain2 (image and label) and the chest CT as an image.
 # GVSL_DATA names the folder of the real volumes (default ../shared/data, SOURCES.md there).
 # Licences: gvsl/assets/default/PROVENANCE.md.
-# Training: `gvsl train` on CPU (GVSL_THREADS threads, default 1) with the official objective and
+# Warm start: the run starts from the weights of the previous default model (v1: MNI MR at 4 mm,
+# 3,000 iterations; --init-weights GVSL_INIT, default gvsl/assets/default as committed before v2),
+# so a CPU budget of about an hour adapts it to 2 mm, CT and the generator's contrasts instead of
+# learning registration from nothing (a run from scratch reached step 50 in that time).
+# Training: `gvsl train` on CPU (GVSL_THREADS threads, default 2) with the official objective and
 # augmentation (GVSL_SPEC §4), widths 16,32,48,64,96,48,48,32,16 with a 32-wide affine head (so
 # that weights + encoder.onnx + registration.onnx stay under 20 MB), at 2 mm with 64^3 patches,
 # every input normalised as what it is (--modality auto: CT or MR per volume). Then the export
@@ -22,17 +26,18 @@ set -euo pipefail
 WORK=${1:-runs/default_v2}
 ITERS=${2:-3000}
 DATA=${GVSL_DATA:-../shared/data}
-export OMP_NUM_THREADS=${GVSL_THREADS:-1}
+export OMP_NUM_THREADS=${GVSL_THREADS:-2}
+INIT=${GVSL_INIT:-gvsl/assets/default}
 
-RESUME=()
+RESUME=(--init-weights "$INIT")
 if [ -f "$WORK/run/checkpoints/last.pt" ]; then RESUME=(--resume); fi
 gvsl train "$DATA/pyradiomics_brain1_image.nii.gz" gvsl/assets/sample/mni152_2009a_t1_2mm.nii.gz \
     -o "$WORK/run" "${RESUME[@]}" \
     --synth gvsl/assets/recipes/default_v2.json --synth-root "$DATA" --synth-ratio 0.8 \
     --iterations "$ITERS" --batch-size 1 --patch-size 64 \
     --widths 16,32,48,64,96,48,48,32,16 --affine-width 32 --deform-width 16 --restore-width 16 \
-    --lr 5e-4 --w-ncc 1 --w-mse 1 --w-smooth 1 --spacing 2 --modality auto \
-    --checkpoint-every 50 --log-every 10 --seed 0 --device cpu
+    --lr 2e-4 --w-ncc 1 --w-mse 1 --w-smooth 1 --spacing 2 --modality auto \
+    --checkpoint-every 20 --log-every 5 --seed 0 --device cpu
 
 gvsl export "$WORK/run" -o "$WORK/export" --verify-shape 1,64,64,64 --force --quiet
 python - "$WORK" <<'PY'
@@ -44,7 +49,7 @@ dst = Path("gvsl/assets/default")
 dst.mkdir(parents=True, exist_ok=True)
 for f in ("model.safetensors", "model.json"):
     shutil.copy2(work / "run" / "model" / f, dst / f)
-for f in ("encoder.onnx", "registration.onnx", "manifest.json"):
+for f in ("encoder.onnx", "registration.onnx", "refine.onnx", "refine_affine.onnx", "manifest.json"):
     shutil.copy2(work / "export" / f, dst / f)
 for f in ("metrics.csv", "config.json"):
     shutil.copy2(work / "run" / f, dst / f)

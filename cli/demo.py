@@ -42,7 +42,7 @@ class DemoConfig:
     lr: float = 1e-3
     use_default_model: bool = True
     #: instance refinement after each network (iterations per level; 0 = the network alone)
-    refine: int = 30
+    refine: int = 40
     regularisation: float = 0.3
 
 

@@ -91,7 +91,7 @@ def demo(
     default_model: Annotated[
         bool, typer.Option(help="Also register the pair with the model shipped with gvsl.")
     ] = True,
-    refine: Annotated[int, typer.Option(help="Refinement iterations after the network (0 = the network alone).")] = 30,
+    refine: Annotated[int, typer.Option(help="Refinement iterations after the network (0 = the network alone).")] = 40,
     regularisation: Annotated[float, typer.Option(help="Refinement smoothness in [0, 1].")] = 0.3,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
 ) -> None:

@@ -428,10 +428,10 @@ def register(
     refine: Annotated[
         int,
         typer.Option(
-            help="Instance-refinement iterations per pyramid level after the network (greedy diffeomorphic "
-            "local-CC ascent, refine.onnx); 0 = the network alone."
+            help="Instance-refinement iterations at the coarsest pyramid level after the network, half as many at "
+            "each finer level (greedy diffeomorphic local-CC ascent, refine.onnx); 0 = the network alone."
         ),
-    ] = 30,
+    ] = 40,
     refine_levels: Annotated[
         str, typer.Option(help="Refinement pyramid: isotropic spacings in mm, coarse to fine, e.g. 4,2 or 4,2,1.")
     ] = "4,2",

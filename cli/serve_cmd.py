@@ -103,7 +103,7 @@ def serve(
         typer.Option(
             help="Default refinement iterations per level for gvsl_register; 0 = network only (per request: 'refine')."
         ),
-    ] = 30,
+    ] = 40,
     refine_levels: Annotated[str, typer.Option(help="Refinement pyramid spacings in mm, coarse to fine.")] = "4,2",
     regularisation: Annotated[
         float, typer.Option(help="Default refinement smoothness in [0, 1] (per request: 'regularisation').")

@@ -88,6 +88,10 @@ def train(
     ] = None,
     skip_bad: Annotated[bool, typer.Option(help="Train on the good files and list the bad ones.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    init_weights: Annotated[
+        Path | None,
+        typer.Option(help="Start a new run from these weights (a trained model folder, same widths): a warm start."),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; errors only.")] = False,
 ) -> None:
     """Pre-train GVSL on a folder of unlabeled CT/MR volumes.
@@ -145,6 +149,7 @@ def train(
             cache_dir=str(cache_dir) if cache_dir else None,
             synth=recipe,
             synth_ratio=ratio if recipe is not None else 1.0,
+            init_weights=str(init_weights) if init_weights else None,
         )
     except (ValueError, TypeError) as e:
         err.print(f"[bold red]error:[/] {e}", soft_wrap=True)

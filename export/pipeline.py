@@ -233,8 +233,8 @@ def run_export(
                         )
                     )
         if want_onnx:
-            step("export refine.onnx")
-            manifest["artifacts"].append(_export_refine(tmp, opt.verify))
+            step("export refine.onnx, refine_affine.onnx")
+            manifest["artifacts"] += _export_refine(tmp, opt.verify)
         engine_files: dict[str, Path] = {}
         for prec in engine_precisions:
             for kind in KINDS:
@@ -306,33 +306,39 @@ def run_export(
                 shutil.rmtree(t, ignore_errors=True)
 
 
-def _export_refine(folder: Path, verify: bool) -> dict[str, Any]:
-    """Write ``refine.onnx`` (the instance-refinement graph, no learned weights) and its manifest entry."""
+def _export_refine(folder: Path, verify: bool) -> list[dict[str, Any]]:
+    """Write ``refine.onnx`` and ``refine_affine.onnx`` (the instance-refinement graphs, no learned
+    weights) and return their manifest entries; the deformable one is checked against PyTorch."""
     from gvsl.export.refine_graph import REFINE_ATOL, check_refine_tensorrt, export_refine, verify_refine
     from gvsl.refine import RefineSettings
 
     settings = RefineSettings()
-    path = export_refine(folder / "refine.onnx", settings)
-    parity = []
-    if verify:
-        result = verify_refine(path, settings)
-        if not result["passed"]:
-            raise ExportError(
-                f"refine.onnx: parity with PyTorch failed (max |diff| {result['max_abs']:.2e} > {REFINE_ATOL:g} after "
-                f"{result['iterations']} iterations); nothing was written (report this with the command line)"
+    entries = []
+    for kind in (A.REFINE, A.REFINE_AFFINE):
+        path = export_refine(folder / f"{kind}.onnx", settings, kind=kind)
+        parity = []
+        if verify and kind == A.REFINE:
+            result = verify_refine(path, settings)
+            if not result["passed"]:
+                raise ExportError(
+                    f"refine.onnx: parity with PyTorch failed (max |diff| {result['max_abs']:.2e} > {REFINE_ATOL:g} "
+                    f"after {result['iterations']} iterations); nothing was written (report this with the command line)"
+                )
+            parity.append(result)
+        issues = check_refine_tensorrt(path)
+        entries.append(
+            file_entry(
+                path,
+                kind=kind,
+                format="onnx",
+                precision="fp32",
+                settings=settings.to_dict(),
+                **OX.graph_io(path),
+                tensorrt_compatible=not issues,
+                parity=parity,
             )
-        parity.append(result)
-    issues = check_refine_tensorrt(path)
-    return file_entry(
-        path,
-        kind=A.REFINE,
-        format="onnx",
-        precision="fp32",
-        settings=settings.to_dict(),
-        **OX.graph_io(path),
-        tensorrt_compatible=not issues,
-        parity=parity,
-    )
+        )
+    return entries
 
 
 def _commit(tmp: Path, dest: Path) -> None:

@@ -79,6 +79,9 @@ class TrainConfig:
     # the share of pairs drawn from it; None trains on ``data`` only
     synth: dict[str, Any] | None = None
     synth_ratio: float = 1.0
+    #: a trained model (folder / .safetensors) whose weights start a new run (warm start);
+    #: its widths must be this run's
+    init_weights: str | None = None
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
@@ -281,6 +284,25 @@ def train(
         ddp.close()
 
 
+def _warm_start(model: GVSL, path: str, device: torch.device) -> None:
+    """Copy the weights of a saved model into ``model`` (same architecture; no pickle)."""
+    from gvsl.io import WeightsError, load_model
+
+    try:
+        source, _ = load_model(path)
+    except WeightsError as e:
+        raise GvslInputError(f"--init-weights: {e}") from None
+    mine = model.state_dict()
+    theirs = source.state_dict()
+    wrong = [k for k in mine if k not in theirs or theirs[k].shape != mine[k].shape]
+    if wrong:
+        raise GvslInputError(
+            f"--init-weights {path}: its architecture differs from this run's ({len(wrong)} tensors, e.g. {wrong[0]}); "
+            "use the same --widths and head widths"
+        )
+    model.load_state_dict({k: v.to(device) for k, v in theirs.items()})
+
+
 def _train(
     cfg: TrainConfig,
     state: dict[str, Any] | None,
@@ -331,6 +353,10 @@ def _train(
     aug_gen = torch.Generator(device=device)
     aug_gen.manual_seed(cfg.seed * 1000 + ddp.rank)
     step = 0
+    if state is None and cfg.init_weights:
+        _warm_start(model, cfg.init_weights, device)
+        if ddp.main:
+            log(f"weights from {cfg.init_weights}")
     if state is not None:
         model.load_state_dict(state["model"])
         optim.load_state_dict(state["optimizer"])

@@ -50,16 +50,19 @@ SIMILARITIES = ("ncc",)
 
 @dataclass(frozen=True)
 class RefineOptions:
-    """How ``gvsl register`` refines: ``iterations`` per level (0 = network only), the
+    """How ``gvsl register`` refines: ``iterations`` at the coarsest level (0 = network only;
+    ``decay`` times fewer at each finer one), the
     pyramid ``levels`` (isotropic spacings in mm, coarse to fine), ``step`` (largest
     update per iteration, in voxels of each level), ``regularisation`` (0..1: how far
     the total field is pulled towards its smoothed self each step) and ``similarity``."""
 
-    iterations: int = 30
+    iterations: int = 40
     levels: tuple[float, ...] = DEFAULT_LEVELS
     step: float = 0.5
     regularisation: float = 0.3
     similarity: str = "ncc"
+    #: iterations shrink by this factor per finer level (1 = the same number at every level)
+    decay: float = 0.5
     #: affine refinement before the network, on the coarsest level (0 = none)
     affine_iterations: int = 40
     affine_step: float = 1.0
@@ -73,6 +76,8 @@ class RefineOptions:
         if not levels or not all(math.isfinite(s) and s > 0 for s in levels):
             raise GvslInputError(f"--refine-levels {self.levels}: give positive spacings in mm, e.g. 4,2")
         object.__setattr__(self, "levels", levels)
+        if not (math.isfinite(self.decay) and 0 < self.decay <= 1):
+            raise GvslInputError(f"refine decay {self.decay}: use a value in (0, 1]")
         if not (math.isfinite(self.step) and 0 < self.step <= 2):
             raise GvslInputError(f"refine step {self.step}: use a value in (0, 2] voxels")
         if not (math.isfinite(self.regularisation) and 0 <= self.regularisation <= 1):
@@ -83,6 +88,12 @@ class RefineOptions:
     @property
     def enabled(self) -> bool:
         return self.iterations > 0
+
+    def level_iterations(self, level: int) -> int:
+        """Iterations at pyramid level ``level`` (0 = coarsest): ``iterations`` there, then
+        ``decay`` times fewer at each finer level (fine levels cost 8x more per iteration and
+        start close to the answer), at least one."""
+        return max(1, int(round(self.iterations * self.decay**level)))
 
 
 @dataclass
@@ -213,7 +224,8 @@ def refine_world_field(
                 score[name] = float(out["similarity"][0])
             if score["initial alignment"] > score["network"]:
                 start, from_network = zero, False
-        out = backend.run({**feed, "dvf": start[None], "iterations": np.array(int(options.iterations), np.int64)})
+        iterations = options.level_iterations(index)
+        out = backend.run({**feed, "dvf": start[None], "iterations": np.array(iterations, np.int64)})
         refined = out["dvf_refined"][0]
         report.append({"spacing_mm": spacing, "shape": list(shape), "local_cc": round(float(out["similarity"][0]), 6)})
         current = np.asarray(dvf_voxel_to_mm(refined, fixed_level.affine), dtype=np.float32)

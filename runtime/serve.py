@@ -112,7 +112,7 @@ class ServeOptions:
     overlap: float = 0.5
     window_batch: int = 1
     init: str = "auto"
-    refine: int = 30
+    refine: int = 40
     refine_levels: tuple[float, ...] = (4.0, 2.0)
     regularisation: float = 0.3
     #: normalisation of every request (auto: CT or MR decided per volume; None: the model's own)

@@ -198,7 +198,13 @@ def test_manifest_lists_artifacts_with_hashes_and_parity(exported):
     out, man = exported["out"], exported["manifest"]
     assert json.loads((out / "manifest.json").read_text()) == man
     files = {a["file"]: a for a in man["artifacts"]}
+    refine = {name: files.pop(name) for name in ("refine.onnx", "refine_affine.onnx")}
     assert set(files) == {"encoder.onnx", "registration.onnx", "encoder.fp16.onnx", "registration.fp16.onnx"}
+    # the refinement graphs: no weights, TensorRT-parsable, the deformable one checked against torch
+    assert refine["refine.onnx"]["kind"] == "refine" and refine["refine_affine.onnx"]["kind"] == "refine_affine"
+    for name, a in refine.items():
+        assert a["sha256"] == sha256_file(out / name) and a["tensorrt_compatible"] is True
+    assert refine["refine.onnx"]["parity"][0]["passed"] and refine["refine.onnx"]["parity"][0]["max_abs"] < 1e-4
     for name, a in files.items():
         assert a["sha256"] == sha256_file(out / name)
         assert a["tensorrt_compatible"] is True

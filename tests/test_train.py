@@ -428,3 +428,23 @@ def test_torchrun_nonfinite_loss_on_one_rank_stops_every_rank(mni_dir, tmp_path)
     resumed = subprocess.run(resume, capture_output=True, text=True, env=env, timeout=120, check=False)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
+
+
+def test_warm_start_copies_weights_and_refuses_another_architecture(tmp_path):
+    from gvsl.config import ModelConfig
+    from gvsl.io import save_model
+    from gvsl.model import GVSL
+    from gvsl.train import _warm_start
+
+    torch.manual_seed(0)
+    source = GVSL(ModelConfig.from_preset("tiny"))
+    folder = save_model(source, tmp_path / "source", preprocess={}, extra={"patch_size": [16, 16, 16]})
+    torch.manual_seed(1)
+    target = GVSL(ModelConfig.from_preset("tiny"))
+    assert not torch.equal(target.state_dict()["unet.inc.double_conv.0.weight"], source.state_dict()["unet.inc.double_conv.0.weight"])
+    _warm_start(target, str(folder), torch.device("cpu"))
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(target.state_dict()[name], tensor), name
+    other = GVSL(ModelConfig.from_preset("small"))
+    with pytest.raises(GvslInputError, match="architecture differs"):
+        _warm_start(other, str(folder), torch.device("cpu"))
