@@ -41,6 +41,11 @@ imports included) beside it; peak RSS of each subprocess (``wait4``).
 
 Results: ``OUT/registration.json`` (every pair, method and run) and
 ``OUT/registration.md`` (one table per set, mean over pairs).
+
+This file runs past 600 lines because it keeps the pair builders, the
+scoring and the run bookkeeping (resume, side-by-side runs joined by
+``--import-rows``) together, so that one script reproduces EVALUATION.md
+section 1.1; the peers' own code is in ``peer_register.py``.
 """
 
 from __future__ import annotations
