@@ -538,7 +538,7 @@ def serve(opts: ServeOptions, on_ready: Callable[[dict[str, str]], None] | None 
             for s, h in previous.items():
                 signal.signal(s, h)
             for name, (handler, _, _) in handlers.items():
-                objs = [handler.embedder] if name == EMBED_MODEL else list(handler.registrars.values())[:1]
+                objs = [handler.embedder] if name == EMBED_MODEL else [handler.registrar]
                 for o in objs:
                     o.close()
     return 1 if died else 0

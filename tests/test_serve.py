@@ -464,7 +464,7 @@ def test_a_bad_request_in_a_batch_does_not_fail_the_good_ones(tiny, local, volum
     big = ServeOptions(model=tiny[1], max_request_mb=0.05)  # 32^3 float32 = 0.125 MiB
     with pytest.raises(RuntimeError, match=r"more than this server's limit of 0 MiB \(--max-request-mb\)"):
         EmbedHandler(embedder, big)([good])
-    reg = RegisterHandler({"world": registrar}, opts)
+    reg = RegisterHandler(registrar, opts)
     two = _Req(
         {"fixed": np.stack([vol, vol]), "fixed_affine": np.stack([aff, aff]), "moving": np.stack([vol, vol]),
          "moving_affine": np.stack([aff, aff])},
@@ -472,6 +472,16 @@ def test_a_bad_request_in_a_batch_does_not_fail_the_good_ones(tiny, local, volum
     )  # fmt: skip
     res = reg([two])[0]
     assert res["warped"].shape == (2, *vol.shape) and res["metrics"].shape == (2, len(METRICS))
+    # per-request refinement: 0 iterations is the network alone, as in-process
+    plain = _Req(
+        {"fixed": vol[None], "fixed_affine": aff[None], "moving": vol[None], "moving_affine": aff[None],
+         "refine": np.array([[0]], dtype=np.int32)},
+        ["warped", ERROR_OUTPUT],
+    )  # fmt: skip
+    from gvsl.runtime.refine import RefineOptions
+
+    expected = registrar.register((vol, aff), (vol, aff), refine=RefineOptions(iterations=0))
+    np.testing.assert_array_equal(reg([plain])[0]["warped"][0], expected.warped)
 
 
 # ----------------------------------------------------------------------------- load and faults
