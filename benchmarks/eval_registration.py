@@ -349,12 +349,13 @@ def score_before(pair: Pair, work: Path) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- running methods
 def run_timed(cmd: list[str], log: Path, timeout: float | None = None) -> dict[str, Any]:
-    """Run ``cmd`` to completion (or kill its process group after ``timeout`` s); wall seconds,
+    """Run ``cmd`` in the folder of ``log`` (files a tool drops in its working directory land
+    there) to completion (or kill its process group after ``timeout`` s); wall seconds,
     exit code, CPU seconds (user + system, all threads) and peak RSS (MiB) of that process alone
     (``wait4``); on a shared machine the CPU seconds move less with the load than the wall clock."""
     with open(log, "w", encoding="utf-8") as fh:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=log.parent, start_new_session=True)
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
@@ -536,7 +537,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         args.mni_pairs = args.ct_pairs = args.brain_pairs = 1
         args.repeats = args.peer_repeats = 1
-    out: Path = args.out
+    out: Path = args.out.resolve()  # methods run in their own work folders: absolute paths
+    args.data = args.data.resolve()
+    # abspath, not resolve: a venv's python is a symlink whose target is not the venv
+    args.model = os.path.abspath(args.model) if args.model else None
+    args.peers_python = os.path.abspath(args.peers_python) if args.peers_python else None
+    args.gvsl = os.path.abspath(args.gvsl) if os.sep in args.gvsl else args.gvsl
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     if set(methods) & set(GVSL_METHODS):

@@ -143,6 +143,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for var in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = threads
     args.out.mkdir(parents=True, exist_ok=True)
+    args.out = args.out.resolve()
+    args.fixed, args.moving, args.moving_labels = (str(Path(f).resolve()) for f in (args.fixed, args.moving,
+                                                                                  args.moving_labels))  # fmt: skip
+    os.chdir(args.out)  # transformix writes deformationField.nii into the working directory
     if args.method == "fireants":
         import torch
 
