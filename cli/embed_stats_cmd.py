@@ -38,9 +38,10 @@ def embed_stats(
     atomically. Re-export the model afterwards so ONNX / TensorRT / serve apply it.
     """
     import gvsl.torch_backend  # noqa: F401 - registers the torch backend
-    from gvsl.embedding_stats import gather_embedding_stats, write_embedding_stats
+    from gvsl.embedding_stats import gather_embedding_stats, model_files, write_embedding_stats
     from gvsl.runtime.io import list_inputs
 
+    model_files(model_dir)  # a trained model folder, or one line before any work
     if not data and synth is None:
         raise typer.BadParameter("give DATA volumes and/or --synth RECIPE to gather the statistics over")
     volumes = []

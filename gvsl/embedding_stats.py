@@ -27,7 +27,7 @@ import numpy as np
 from gvsl.runtime.embed import Embedder, EmbeddingStats
 from gvsl.runtime.errors import GvslInputError
 
-__all__ = ["STATS_KEY", "gather_embedding_stats", "synthetic_volumes", "write_embedding_stats"]
+__all__ = ["STATS_KEY", "gather_embedding_stats", "model_files", "synthetic_volumes", "write_embedding_stats"]
 
 #: model.json key of the block
 STATS_KEY = "embedding_stats"
@@ -95,6 +95,20 @@ def gather_embedding_stats(
     return EmbeddingStats(mean=mean, std=std, n=len(rows), source="; ".join(sources))
 
 
+def model_files(model_dir: str | Path) -> tuple[Path, Path]:
+    """``(model.json, model.safetensors)`` of a trained model folder; anything else is one line."""
+    from gvsl.io import CONFIG_NAME, WEIGHTS_NAME
+
+    folder = Path(model_dir)
+    if not folder.is_dir() or not (folder / WEIGHTS_NAME).is_file():
+        raise GvslInputError(
+            f"{folder}: not a gvsl model folder (no {WEIGHTS_NAME}); give the folder `gvsl train` wrote "
+            "(a run folder's model/)",
+            folder,
+        )
+    return folder / CONFIG_NAME, folder / WEIGHTS_NAME
+
+
 def write_embedding_stats(model_dir: str | Path, stats: EmbeddingStats) -> Path:
     """Store ``stats`` under ``"embedding_stats"`` in ``model_dir``'s ``model.json`` and in the
     metadata copy inside ``model.safetensors`` (both written atomically; the tensors are
@@ -102,16 +116,9 @@ def write_embedding_stats(model_dir: str | Path, stats: EmbeddingStats) -> Path:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from gvsl.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write, save_text
+    from gvsl.io import atomic_write, save_text
 
-    folder = Path(model_dir)
-    cfg, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    if not folder.is_dir() or not weights.is_file():
-        raise GvslInputError(
-            f"{folder}: not a gvsl model folder (no {WEIGHTS_NAME}); give the folder `gvsl train` wrote "
-            "(a run folder's model/)",
-            folder,
-        )
+    cfg, weights = model_files(model_dir)
     with safe_open(str(weights), framework="pt") as f:
         header = dict(f.metadata() or {})
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iteration
