@@ -247,7 +247,7 @@ def test_served_embedding_is_the_in_process_standardised_one(with_stats, t1, tmp
 
     python = _serve_python()
     if python is None or not Path(python).is_file():
-        pytest.skip("no serve interpreter: /usr/bin/python3.11 -m venv build/serve-venv && pip install -e '.[cpu,serve]'")
+        pytest.skip("no serve interpreter: python3.11 -m venv build/serve-venv && pip install -e '.[cpu,serve]'")
     _, export_dir, _ = with_stats
     path = tmp_path / "t1.nii.gz"
     nib.save(nib.Nifti1Image(t1, _aff()), path)
