@@ -311,3 +311,18 @@ def test_shipped_model_separates_two_subjects_more_than_two_perturbations_of_one
         return float(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
 
     assert cos(a, b) - max(cos(a, c), cos(b, c)) > 0.3
+
+
+def test_tensorrt_engines_read_the_statistics_from_the_manifest(with_stats):
+    """Engines carry no gvsl metadata: their ModelInfo comes from manifest.json, statistics included."""
+    from gvsl.runtime.backends.model_files import info_from_manifest
+    from gvsl.runtime.embed import embedding_stats_of
+
+    _, export_dir, stats = with_stats
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    entry = {"file": "encoder.sm90.engine", "format": "engine", "kind": artifact.ENCODER, "precision": "fp16"}
+    info = info_from_manifest(manifest, export_dir / entry["file"], artifact.ENCODER, entry)
+    got = embedding_stats_of(info)
+    np.testing.assert_array_equal(got.mean, np.asarray(stats.to_dict()["mean"]))
+    np.testing.assert_array_equal(got.std, np.asarray(stats.to_dict()["std"]))
+    assert got.n == stats.n == 5
