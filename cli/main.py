@@ -6,6 +6,7 @@
 from gvsl.cli import (
     bench_cmd,  # noqa: F401  (registers `gvsl bench`)
     demo_cmd,  # noqa: F401  (registers `gvsl synth`, `demo`, `probe`, `finetune`)
+    embed_stats_cmd,  # noqa: F401  (registers `gvsl embed-stats`)
     export_cmd,  # noqa: F401
     runtime_cmd,  # noqa: F401
     serve_cmd,  # noqa: F401

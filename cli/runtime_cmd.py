@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -89,7 +90,7 @@ def embed(
         typer.Option(
             "--format",
             help="npy: NAME.npy embedding (+ NAME_features.nii.gz with --dense); "
-            "npz: NAME.npz with embedding (+ features [F,X,Y,Z] and affine).",
+            "npz: NAME.npz with embedding and embedding_raw (+ features [F,X,Y,Z] and affine).",
         ),
     ] = "npy",
     grid: Annotated[
@@ -123,9 +124,21 @@ def embed(
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Recompute outputs that already exist (default: skip them).")] = False,
     modality: Annotated[str, typer.Option(help=MODALITY_HELP)] = "auto",
+    raw_embedding: Annotated[
+        bool,
+        typer.Option(
+            "--raw-embedding",
+            help="Write the raw pooled bottleneck as the embedding instead of the standardised one "
+            "((raw - mean) / std with the model's statistics; npz files always hold both).",
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary; errors only.")] = False,
 ) -> None:
     """Embed volumes with a gvsl encoder: one global embedding per volume (optionally dense features).
+
+    The embedding is standardised per channel with the statistics the model carries
+    (`gvsl embed-stats`), so cosine similarity separates scans; a model without them
+    gives the raw pooled bottleneck, with one warning.
 
     Resumable: inputs whose outputs exist are skipped. Bad inputs do not stop the
     batch; they are listed at the end and the exit code is 1. `--merge` joins the
@@ -190,7 +203,7 @@ def embed(
                 raise typer.BadParameter(
                     "--grid model is not available with --server (features come on the input grid)"
                 )
-            embedder: Any = GvslClient(server, max_voxels=max_voxels)
+            embedder: Any = GvslClient(server, max_voxels=max_voxels, embedding="raw" if raw_embedding else None)
             embedder.check([embedder.embed_model])
         else:
             extra: dict[str, Any] = {}
@@ -198,11 +211,16 @@ def embed(
                 from gvsl.runtime.default_model import sample_volume
 
                 extra["int8_calibration"] = list(int8_calibration or [sample_volume()])
-            embedder = Embedder(
-                model, "onnxruntime" if int8 else backend, "cpu" if int8 and device == "auto" else device,
-                overlap=overlap, window_batch=window_batch, max_voxels=max_voxels, threads=threads,
-                modality=_modality(modality), allow_cpu_fallback=allow_cpu_fallback, **extra,
-            )  # fmt: skip
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                embedder = Embedder(
+                    model, "onnxruntime" if int8 else backend, "cpu" if int8 and device == "auto" else device,
+                    overlap=overlap, window_batch=window_batch, max_voxels=max_voxels, threads=threads,
+                    modality=_modality(modality), allow_cpu_fallback=allow_cpu_fallback,
+                    embedding="raw" if raw_embedding else "standardised", **extra,
+                )  # fmt: skip
+            for w in caught:  # e.g. no embedding statistics: one plain line each
+                err.print(f"warning: {w.message}")
         if dense and not embedder.has_dense:
             raise typer.BadParameter(
                 f"{server or model}: this encoder has no dense features output; drop --dense or re-export"
@@ -221,6 +239,8 @@ def embed(
                     modalities[res.modality or "server"] = modalities.get(res.modality or "server", 0) + 1
                     if format == "npz":
                         extra = {"features": res.features, "affine": res.affine} if dense else {}
+                        if res.embedding_raw is not None:
+                            extra["embedding_raw"] = res.embedding_raw
                         save_npz(outs[0], embedding=res.embedding, modality=res.modality or "", **extra)
                     else:
                         if dense:

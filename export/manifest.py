@@ -21,7 +21,7 @@ from gvsl.runtime import artifact
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "gvsl-export"
 #: metadata values that hold JSON (decoded by :func:`describe`)
-_JSON_KEYS = (artifact.META_MODEL, artifact.META_PREPROCESS, artifact.META_PATCH)
+_JSON_KEYS = (artifact.META_MODEL, artifact.META_PREPROCESS, artifact.META_PATCH, artifact.META_EMBEDDING_STATS)
 
 
 def new_manifest(source: Any, options: dict[str, Any]) -> dict[str, Any]:
@@ -41,6 +41,8 @@ def new_manifest(source: Any, options: dict[str, Any]) -> dict[str, Any]:
         "preprocess": source.preprocess.to_dict(),
         "patch_size": list(source.patch_size),
         "patch_size_from": source.patch_size_from,
+        # per-channel statistics of the raw embedding (gvsl embed-stats); None: the runtime returns it raw
+        "embedding_stats": source.embedding_stats,
         "options": options,
         "artifacts": [],
         "triton": None,

@@ -92,7 +92,13 @@ def _with_precision(model: nn.Module, precision: str) -> nn.Module:
 
 
 class EncoderGraph(nn.Module):
-    """``image -> embedding [N, C]`` (mean of the bottleneck) ``[, features [N, F, D, H, W]]``."""
+    """``image -> embedding [N, C]`` (mean of the bottleneck) ``[, features [N, F, D, H, W]]``.
+
+    The graph returns the *raw* pooled bottleneck; the runtime averages it over
+    sliding windows and standardises the mean with the statistics in the graph's
+    metadata (:data:`gvsl.runtime.artifact.META_EMBEDDING_STATS`), so one run
+    gives both the raw and the standardised vector.
+    """
 
     def __init__(self, model: nn.Module, dense: bool = True) -> None:
         super().__init__()
@@ -144,7 +150,8 @@ def build_metadata(
     """``metadata_props`` for a graph of ``source`` (a :class:`gvsl.export.source.Source`).
 
     ``gvsl.warp`` is written on registration graphs and ``gvsl.dense`` on
-    encoder graphs, where they mean something.
+    encoder graphs, where they mean something; so is ``gvsl.embedding_stats``
+    when the model has statistics (``gvsl embed-stats``).
     """
     meta = {
         A.META_FORMAT: A.FORMAT,
@@ -160,6 +167,9 @@ def build_metadata(
         meta[A.META_WARP] = warp or "gather"
     else:
         meta[A.META_DENSE] = "true" if dense in (None, True) else "false"
+        stats = source.embedding_stats
+        if stats is not None:
+            meta[A.META_EMBEDDING_STATS] = json.dumps(stats, sort_keys=True)
     return meta
 
 

@@ -36,6 +36,8 @@ class Source:
     weights_sha256: str
     kind: str  # "safetensors" | "official-pth"
     path: Path  # what the user gave
+    #: model.json's "embedding_stats" block (gvsl embed-stats), carried into the encoder's metadata
+    embedding_stats: dict[str, Any] | None = None
 
 
 #: Hex sha256 of a file, read in 1 MiB pieces (engines and weights can be GBs): the runtime's one helper.
@@ -122,6 +124,15 @@ def load_source(path: str | Path, widths: str | None = None, official_affine: bo
         patch_from = "model.json"
     else:
         patch_t, patch_from = DEFAULT_PATCH_SIZE, "default"
+    stats = meta.get("embedding_stats")
+    if stats is not None:
+        from gvsl.runtime.embed import EmbeddingStats
+        from gvsl.runtime.errors import GvslInputError
+
+        try:
+            stats = EmbeddingStats.from_dict(stats, f"{path} (model.json)", int(model.config.widths[4])).to_dict()
+        except GvslInputError as e:
+            raise ExportError(str(e)) from None
     return Source(
         model=model,
         config=model.config,
@@ -132,6 +143,7 @@ def load_source(path: str | Path, widths: str | None = None, official_affine: bo
         weights_sha256=sha256_file(weights),
         kind=kind,
         path=path,
+        embedding_stats=stats,
     )
 
 

@@ -59,6 +59,8 @@ class TorchBackend(Backend):
             dense=True,
             precision="fp32",
             warp="torch",
+            # model.json's block (gvsl embed-stats); the Embedder standardises with it
+            extra={"embedding_stats": meta.get("embedding_stats")},
         )
         self.name = f"torch[{self.device.type}]"
 

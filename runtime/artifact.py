@@ -45,3 +45,6 @@ META_PRECISION = "gvsl.precision"  # "fp32" | "fp16"
 META_WARP = "gvsl.warp"  # "gather" (TensorRT-buildable) | "grid_sample"
 META_DENSE = "gvsl.dense"  # "true" | "false": encoder has the features output
 META_REFINE = "gvsl.refine"  # JSON of gvsl.refine.RefineSettings.to_dict(): the refine graph's constants
+#: encoder graph: JSON {"mean": [C], "std": [C], "n": int, "source": str} gathered by `gvsl embed-stats`;
+#: the runtime returns (raw - mean) / std. Absent on older exports (the raw embedding is returned, with a warning)
+META_EMBEDDING_STATS = "gvsl.embedding_stats"

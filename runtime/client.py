@@ -83,7 +83,12 @@ class GvslClient:
         max_voxels: int | None = DEFAULT_MAX_VOXELS,
         embed_model: str = EMBED_MODEL,
         register_model: str = REGISTER_MODEL,
+        embedding: str | None = None,
     ) -> None:
+        if embedding not in (None, "standardised", "raw"):
+            raise GvslInputError(f"embedding must be standardised or raw, got {embedding!r}")
+        #: "raw": ``Embedding.embedding`` is the server's ``embedding_raw``; otherwise its ``embedding``
+        self.embedding = embedding
         self.url = url
         self.protocol, self.address, self.ssl = parse_url(url)
         try:
@@ -243,6 +248,11 @@ class GvslClient:
         if grid != "input":
             raise GvslInputError(f"--grid {grid}: a gvsl server returns dense features on the input grid only")
         want = ["embedding", "features"] if dense else ["embedding"]
+        has_raw = "embedding_raw" in self.outputs(self.embed_model)
+        if has_raw:
+            want.append("embedding_raw")
+        elif self.embedding == "raw":
+            raise GvslInputError(f"{self.url}: this gvsl server sends no embedding_raw; update it (gvsl serve)")
         out = self.infer(
             self.embed_model,
             {
@@ -251,8 +261,13 @@ class GvslClient:
             },
             want,
         )
+        raw = out["embedding_raw"][0] if has_raw else None
+        embedding = raw if self.embedding == "raw" else out["embedding"][0]
         return Embedding(
-            embedding=out["embedding"][0],
+            embedding=embedding,
+            embedding_raw=raw,
+            # the server standardises whenever its model has statistics: then the two differ
+            standardised=raw is not None and not np.array_equal(embedding, raw),
             features=out["features"][0] if dense else None,
             affine=np.asarray(vol.affine, dtype=np.float64),
             source=vol.source,

@@ -16,7 +16,16 @@ Pipeline for one volume (the same functions training uses):
    the same size, so this is exactly global average pooling of the
    bottleneck over all windows (overlapping regions count once per window
    that sees them). For a volume that fits in one patch it is the model's own
-   pooled embedding of the padded volume;
+   pooled embedding of the padded volume. This *raw* pooled bottleneck is
+   then **standardised** per channel, ``(raw - mean) / std``, with the
+   statistics the model carries (:class:`EmbeddingStats`, gathered over
+   pre-training-like data by ``gvsl embed-stats``): the raw vector is a mean of
+   non-negative GroupNorm/ReLU activations whose common component dwarfs what
+   differs between scans (cosines of any two scans are ~1), while the
+   standardised one measures each channel against its spread over the training
+   distribution, so cosine similarity separates scans (EVALUATION.md,
+   "Embeddings"). ``embedding="raw"`` keeps the raw vector; a model without
+   statistics (older exports) returns the raw vector with one warning;
 5. **dense features** (on request) = the windows' ``features`` blended with a
    Gaussian weight (σ = window/8 per axis, the nnU-Net choice: centres of
    windows, where context is complete, dominate), cropped from the padding,
@@ -30,8 +39,10 @@ and the backends' ``run`` is thread-safe.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,16 +57,104 @@ from .preprocess import PreprocessConfig, Volume, load_preprocessed, pad_to_mult
 from .warp import resample_to_grid
 from .windows import SIZE_MULTIPLE, gaussian_weight, window_slices, window_starts
 
-__all__ = ["Embedder", "Embedding", "gaussian_weight", "window_starts"]
+__all__ = [
+    "EMBEDDING_MODES",
+    "Embedder",
+    "Embedding",
+    "EmbeddingStats",
+    "embedding_stats_of",
+    "gaussian_weight",
+    "window_starts",
+]
+
+#: what ``Embedding.embedding`` holds: the standardised vector (default) or the raw pooled bottleneck
+EMBEDDING_MODES = ("standardised", "raw")
+
+
+@dataclass(frozen=True)
+class EmbeddingStats:
+    """Per-channel mean and std of the raw pooled embedding over pre-training-like data.
+
+    Stored with the weights (``model.json`` key ``embedding_stats``), in the encoder's
+    ONNX metadata (:data:`gvsl.runtime.artifact.META_EMBEDDING_STATS`) and in the
+    export manifest, so every backend and ``gvsl serve`` standardise the same way.
+    ``n`` = how many volumes they were gathered over, ``source`` = what those were.
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+    n: int = 0
+    source: str = ""
+
+    @classmethod
+    def from_dict(cls, block: Any, where: str, dim: int | None = None) -> EmbeddingStats:
+        """Validate a stored block (a dict, or its JSON text); a damaged one is a one-line
+        :class:`GvslInputError` naming ``where`` and the fix."""
+        fix = "gather them again with `gvsl embed-stats MODEL_DIR` (then re-export)"
+        try:
+            if isinstance(block, str):
+                block = json.loads(block)
+            if not isinstance(block, Mapping):
+                raise ValueError("not a JSON object")
+            mean = np.asarray(block["mean"], dtype=np.float64)
+            std = np.asarray(block["std"], dtype=np.float64)
+            if mean.ndim != 1 or mean.shape != std.shape:
+                raise ValueError(f"mean {mean.shape} and std {std.shape} must be vectors of one length")
+            if dim is not None and mean.shape[0] != dim:
+                raise ValueError(f"{mean.shape[0]} channels but the model's embedding has {dim}")
+            if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
+                raise ValueError("values must be finite and std > 0")
+            n = int(block.get("n", 0))
+            source = str(block.get("source", ""))
+        except (KeyError, TypeError, ValueError) as e:
+            raise GvslInputError(f"{where}: embedding statistics are damaged ({e}); {fix}", where) from None
+        return cls(mean=mean, std=std, n=n, source=source)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored (JSON) form: lists of floats, ``n``, ``source``."""
+        return {
+            "mean": [float(v) for v in self.mean],
+            "std": [float(v) for v in self.std],
+            "n": int(self.n),
+            "source": self.source,
+        }
+
+    def standardise(self, raw: np.ndarray) -> np.ndarray:
+        """``(raw - mean) / std`` along the last axis, float32."""
+        return ((np.asarray(raw, dtype=np.float64) - self.mean) / self.std).astype(np.float32)
+
+
+def embedding_stats_of(info: ModelInfo) -> EmbeddingStats | None:
+    """The statistics a model carries (its ``ModelInfo.extra["embedding_stats"]``, which every
+    backend fills from the artifact), or None when it has none."""
+    block = info.extra.get("embedding_stats")
+    if block is None:
+        return None
+    dim = info.embedding_dim if info.model.get("widths") else None
+    return EmbeddingStats.from_dict(block, info.path, dim)
+
+
+def _warn_no_stats(path: str) -> None:
+    # warnings' default filter shows one message once per process: one line per model
+    warnings.warn(
+        f"{path}: the model has no embedding statistics, so embeddings are the raw pooled bottleneck "
+        "(cosines near 1 for any two scans); fix: `gvsl embed-stats MODEL_DIR` on the trained model, then "
+        "`gvsl export` again",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 @dataclass
 class Embedding:
     """Result of :meth:`Embedder.embed`.
 
-    ``embedding`` ``[C]`` float32; ``features`` ``[F, X, Y, Z]`` float32 on the
-    grid given by ``affine`` (the input's grid unless ``grid="model"``) or
-    None; ``windows`` = how many encoder windows were run.
+    ``embedding`` ``[C]`` float32: the standardised embedding, or the raw one when
+    the embedder was asked for ``embedding="raw"`` or the model has no statistics
+    (``standardised`` says which); ``embedding_raw`` ``[C]`` the raw pooled
+    bottleneck (None when a server does not send it); ``features``
+    ``[F, X, Y, Z]`` float32 on the grid given by ``affine`` (the input's grid
+    unless ``grid="model"``) or None; ``windows`` = how many encoder windows were run.
     """
 
     embedding: np.ndarray
@@ -66,6 +165,10 @@ class Embedding:
     model_shape: tuple[int, int, int]
     #: how the volume was normalised ("ct" / "mr" / "none"): what ``--modality auto`` decided
     modality: str | None = None
+    #: the raw pooled bottleneck (mean of the window embeddings)
+    embedding_raw: np.ndarray | None = None
+    #: whether ``embedding`` is standardised with the model's statistics
+    standardised: bool = False
 
 
 class Embedder:
@@ -76,7 +179,10 @@ class Embedder:
     tensorrt, torch; ``device``: auto, cpu, cuda, cuda:N. ``overlap`` of
     sliding windows (0 <= overlap < 1), ``window_batch`` windows per call,
     ``max_voxels`` per input volume. ``modality`` overrides the model's
-    normalisation (auto, ct, mr, none; None keeps the model's). Extra keywords go
+    normalisation (auto, ct, mr, none; None keeps the model's). ``embedding``:
+    ``"standardised"`` (default: ``(raw - mean) / std`` with the model's
+    statistics; raw with one warning when it has none) or ``"raw"`` (the pooled
+    bottleneck); both are in every :class:`Embedding`. Extra keywords go
     to the backend (``threads``, ``cache_dir``, ``max_contexts``, ``allow_cpu_fallback`` ...);
     ``threads`` (>= 1; 0 or None = every core up to 16) also sizes the
     process's one CPU pool for preprocessing (:mod:`gvsl.runtime.cpu_pool`).
@@ -92,8 +198,11 @@ class Embedder:
         window_batch: int = 1,
         max_voxels: int | None = DEFAULT_MAX_VOXELS,
         modality: str | None = None,
+        embedding: str = "standardised",
         **backend_options: Any,
     ) -> None:
+        if embedding not in EMBEDDING_MODES:
+            raise GvslInputError(f"embedding must be one of {', '.join(EMBEDDING_MODES)}, got {embedding!r}")
         if not 0.0 <= overlap < 1.0:
             raise GvslInputError(f"overlap must be in [0, 1), got {overlap}")
         if window_batch < 1:
@@ -113,6 +222,12 @@ class Embedder:
         self.max_voxels = max_voxels
         #: the preprocessing this embedder applies: the model's, with ``modality`` if given
         self.preprocess: PreprocessConfig = with_modality(self.info.preprocess, modality)
+        #: the model's embedding statistics (None: it has none)
+        self.stats: EmbeddingStats | None = embedding_stats_of(self.info)
+        #: what ``Embedding.embedding`` holds: "standardised" or "raw"
+        self.embedding = embedding if self.stats is not None else "raw"
+        if embedding == "standardised" and self.stats is None:
+            _warn_no_stats(self.info.path)
 
     @property
     def info(self) -> ModelInfo:
@@ -194,7 +309,9 @@ class Embedder:
                     else:
                         acc[(slice(None), *s)] += f * weight
                         wsum[s] += weight
-        embedding = (emb_sum / len(slices)).astype(np.float32)
+        raw = (emb_sum / len(slices)).astype(np.float32)
+        standardised = self.embedding == "standardised" and self.stats is not None
+        embedding = self.stats.standardise(raw) if standardised else raw  # type: ignore[union-attr]
         features = None
         affine = vol.affine
         if dense:
@@ -213,4 +330,6 @@ class Embedder:
             windows=len(slices),
             model_shape=tuple(int(s) for s in pre.data.shape),  # type: ignore[arg-type]
             modality=pre.modality,
+            embedding_raw=raw,
+            standardised=standardised,
         )

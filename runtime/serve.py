@@ -5,7 +5,9 @@ Two models are bound, both backed by the same :class:`~gvsl.runtime.embed.Embedd
 result is the in-process result, number for number:
 
 * ``gvsl_embed``: ``image`` FP32 ``[X, Y, Z]`` + ``affine`` FP64 ``[4, 4]`` (voxel ->
-  RAS mm, like NIfTI) -> ``embedding`` FP32 ``[C]``, and ``features`` FP32
+  RAS mm, like NIfTI) -> ``embedding`` FP32 ``[C]`` (standardised with the model's
+  statistics; raw, with one warning at start, for a model without them),
+  ``embedding_raw`` FP32 ``[C]`` (the pooled bottleneck), and ``features`` FP32
   ``[F, X, Y, Z]`` on the image's own grid when the client asks for that output
   (dense features cost extra, so they are computed only on request);
 * ``gvsl_register``: ``fixed``, ``moving`` FP32 ``[X, Y, Z]`` + ``fixed_affine``,
@@ -229,7 +231,9 @@ class _Handler(abc.ABC):
 
 
 class EmbedHandler(_Handler):
-    """``gvsl_embed``: :meth:`Embedder.embed` on ``(image, affine)``, dense features on request."""
+    """``gvsl_embed``: :meth:`Embedder.embed` on ``(image, affine)``: ``embedding`` (standardised
+    with the model's statistics when it has them), ``embedding_raw`` (the pooled bottleneck),
+    dense features on request."""
 
     model_name = EMBED_MODEL
 
@@ -242,7 +246,7 @@ class EmbedHandler(_Handler):
 
         images, affines = req["image"], req["affine"]
         dense = "features" in (req.requested_output_names or ())
-        emb, feats = [], []
+        emb, raw, feats = [], [], []
         for k in range(images.shape[0]):
             vol = _volume(images[k], affines[k], f"{EMBED_MODEL} input 'image'", self.max_voxels)
             try:
@@ -251,9 +255,10 @@ class EmbedHandler(_Handler):
             except GvslInputError as e:
                 raise RequestError(f"{EMBED_MODEL}: {e}") from None
             emb.append(res.embedding)
+            raw.append(res.embedding_raw)
             if dense:
                 feats.append(res.features)
-        out = {"embedding": np.stack(emb)}
+        out = {"embedding": np.stack(emb), "embedding_raw": np.stack(raw)}
         if dense:
             out["features"] = np.stack(feats)
         return out
@@ -313,7 +318,10 @@ def _embed_tensors(has_dense: bool, embedding_dim: int, feature_dim: int) -> tup
         Tensor(name="image", dtype=np.float32, shape=(-1, -1, -1)),
         Tensor(name="affine", dtype=np.float64, shape=(4, 4)),
     ]
-    outputs = [Tensor(name="embedding", dtype=np.float32, shape=(embedding_dim,))]
+    outputs = [
+        Tensor(name="embedding", dtype=np.float32, shape=(embedding_dim,)),
+        Tensor(name="embedding_raw", dtype=np.float32, shape=(embedding_dim,)),
+    ]
     if has_dense:
         outputs.append(Tensor(name="features", dtype=np.float32, shape=(feature_dim, -1, -1, -1)))
     outputs.append(Tensor(name=ERROR_OUTPUT, dtype=bytes, shape=(1,)))

@@ -89,6 +89,8 @@ def info_from_metadata(meta: Mapping[str, str], path: Path, want_kind: str) -> M
         warp=meta.get(artifact.META_WARP, ""),
         weights_sha256=meta.get(artifact.META_WEIGHTS_SHA, ""),
         version=meta.get(artifact.META_VERSION, ""),
+        # the JSON text; gvsl.runtime.embed.EmbeddingStats validates it where it is used
+        extra={"embedding_stats": meta[artifact.META_EMBEDDING_STATS]} if artifact.META_EMBEDDING_STATS in meta else {},
     )
 
 
@@ -271,7 +273,7 @@ def info_from_manifest(manifest: Mapping[str, Any], path: Path, kind: str, entry
         warp="gather",
         weights_sha256=str((manifest.get("source") or {}).get("weights_sha256", "")),
         version=str(manifest.get("gvsl_version", "")),
-        extra={"engine": dict(entry)},
+        extra={"engine": dict(entry), "embedding_stats": manifest.get("embedding_stats")},
     )
 
 
