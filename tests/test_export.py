@@ -526,5 +526,11 @@ def test_existing_output_needs_force_and_parity_failure_writes_nothing(tiny_run,
     monkeypatch.setattr(V, "reference", real)
     res = _cli(str(tiny_run), "-o", str(out), "--force", "--verify-shape", "1,16,16,16")
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in out.iterdir()) == ["encoder.onnx", "manifest.json", "registration.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "encoder.onnx",
+        "manifest.json",
+        "refine.onnx",
+        "refine_affine.onnx",
+        "registration.onnx",
+    ]
     assert _clean(tmp_path)
