@@ -237,7 +237,7 @@ def test_missing_refine_graph_warns_and_registers_with_the_network(tmp_path, mni
     folder.mkdir()
     for name in ("registration.onnx", "manifest.json"):
         shutil.copy(default_model_dir() / name, folder / name)
-    monkeypatch.setattr(register_module, "_refine_file", lambda model: None)
+    monkeypatch.setattr(register_module, "_refine_file", lambda model, kind="refine": None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         reg = Registrar(folder, threads=2)
