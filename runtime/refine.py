@@ -106,19 +106,36 @@ class RefineResult:
     started_from_network: bool
 
 
-def plan_levels(levels: Sequence[float], fixed: Volume, max_voxels: int = MAX_LEVEL_VOXELS) -> list[float]:
-    """The pyramid actually run: levels finer than the fixed image's own finest spacing are
-    dropped (nothing to gain), and so are levels whose grid would exceed ``max_voxels``."""
-    finest = min(voxel_spacing(fixed.affine))
+def _native_spacing(fixed: Volume, cfg: PreprocessConfig) -> np.ndarray:
+    """The fixed image's voxel size along the axes preprocessing gives it (RAS+ when canonical)."""
+    spacing = np.asarray(voxel_spacing(fixed.affine), dtype=np.float64)
+    if not cfg.canonical:
+        return spacing
+    from nibabel.orientations import io_orientation
+
+    ras = np.empty(3)
+    for axis, (target, _) in enumerate(io_orientation(fixed.affine)):
+        ras[int(target)] = spacing[axis]
+    return ras
+
+
+def plan_levels(
+    levels: Sequence[float], fixed: Volume, cfg: PreprocessConfig | None = None, max_voxels: int = MAX_LEVEL_VOXELS
+) -> list[tuple[float, tuple[float, float, float]]]:
+    """The pyramid actually run: ``(nominal spacing, grid spacing per axis)`` per level. A level
+    is never finer than the scan along any axis (a 10 mm-slice CT keeps 10 mm slices: nothing
+    to gain there, and 3x the voxels to pay); levels that add nothing over the previous one, or
+    whose grid would exceed ``max_voxels``, are dropped."""
+    native = _native_spacing(fixed, cfg or PreprocessConfig())
     extent = np.asarray(fixed.data.shape[:3], dtype=np.float64) * np.asarray(voxel_spacing(fixed.affine))
-    plan = []
+    plan: list[tuple[float, tuple[float, float, float]]] = []
     for s in levels:
-        spacing = max(float(s), finest)
-        if float(np.prod(np.ceil(extent / spacing))) > max_voxels:
+        grid = tuple(float(max(float(s), n)) for n in native)
+        if float(np.prod(np.ceil(extent / min(grid)))) > max_voxels * max(grid) / min(grid):
             continue
-        if plan and math.isclose(plan[-1], spacing):
+        if plan and np.allclose(plan[-1][1], grid):
             continue
-        plan.append(spacing)
+        plan.append((float(s), grid))  # type: ignore[arg-type]
     if not plan:
         raise GvslInputError(
             f"{fixed.source}: every refinement level is too large for memory "
@@ -128,16 +145,16 @@ def plan_levels(levels: Sequence[float], fixed: Volume, max_voxels: int = MAX_LE
 
 
 def _level_pair(
-    fixed: Volume, moving: Volume, cfg: PreprocessConfig, spacing: float, initial: np.ndarray
+    fixed: Volume, moving: Volume, cfg: PreprocessConfig, spacing: tuple[float, float, float], initial: np.ndarray
 ) -> tuple[Volume, np.ndarray]:
     """Both volumes at ``spacing`` mm with the model's preprocessing; the moving one read on the
     fixed level grid through the initial world map ``initial`` (fixed mm -> moving mm)."""
-    level_cfg = replace(cfg, spacing=(spacing, spacing, spacing))
+    level_cfg = replace(cfg, spacing=tuple(spacing))
     fixed_level = preprocess(fixed, level_cfg)
     moving_level = preprocess(moving, level_cfg)
     shape = fixed_level.data.shape
     if min(shape) < 2:
-        raise GvslInputError(f"{fixed.source}: too small for a {spacing:g} mm refinement level; use finer levels")
+        raise GvslInputError(f"{fixed.source}: too small for a {max(spacing):g} mm refinement level; use finer levels")
     moving_on_fixed = resample_to_grid(
         moving_level.data,
         np.linalg.inv(initial) @ moving_level.affine,
@@ -160,8 +177,8 @@ def refine_initial_affine(
     """Improve the initial world map ``initial`` (4x4, fixed mm -> moving mm) with the affine
     refinement graph on the coarsest pyramid level; returns the new map and a report. The
     result is kept only if it raises the local CC."""
-    spacing = plan_levels(options.levels, fixed)[0]
-    fixed_level, moving_on_fixed = _level_pair(fixed, moving, cfg, spacing, initial)
+    spacing, grid = plan_levels(options.levels, fixed, cfg)[0]
+    fixed_level, moving_on_fixed = _level_pair(fixed, moving, cfg, grid, initial)
     feed = {
         "fixed": np.ascontiguousarray(fixed_level.data, dtype=np.float32)[None, None],
         "moving": np.ascontiguousarray(moving_on_fixed, dtype=np.float32)[None, None],
@@ -171,7 +188,12 @@ def refine_initial_affine(
     before = float(backend.run({**feed, "iterations": np.array(0, np.int64)})["similarity"][0])
     out = backend.run({**feed, "iterations": np.array(int(options.affine_iterations), np.int64)})
     after = float(out["similarity"][0])
-    report = {"spacing_mm": spacing, "local_cc_before": round(before, 6), "local_cc_after": round(after, 6)}
+    report = {
+        "spacing_mm": spacing,
+        "grid_mm": [round(g, 4) for g in grid],
+        "local_cc_before": round(before, 6),
+        "local_cc_after": round(after, 6),
+    }
     if not after > before:
         report["kept"] = False
         return initial, report
@@ -198,12 +220,12 @@ def refine_world_field(
     """Refine the world field ``field_mm`` (on grid ``field_affine``; ``None`` = none) between the
     original ``fixed`` and ``moving`` volumes, ``initial`` (4x4, fixed mm -> moving mm) being the
     initial alignment the field is relative to."""
-    plan = plan_levels(options.levels, fixed)
+    plan = plan_levels(options.levels, fixed, cfg)
     current, current_affine = field_mm, field_affine
     report: list[dict[str, Any]] = []
     from_network = field_mm is not None
-    for index, spacing in enumerate(plan):
-        fixed_level, moving_on_fixed = _level_pair(fixed, moving, cfg, spacing, initial)
+    for index, (spacing, grid) in enumerate(plan):
+        fixed_level, moving_on_fixed = _level_pair(fixed, moving, cfg, grid, initial)
         shape = fixed_level.data.shape
         if current is None:
             start = np.zeros((3, *shape), dtype=np.float32)
@@ -227,7 +249,15 @@ def refine_world_field(
         iterations = options.level_iterations(index)
         out = backend.run({**feed, "dvf": start[None], "iterations": np.array(iterations, np.int64)})
         refined = out["dvf_refined"][0]
-        report.append({"spacing_mm": spacing, "shape": list(shape), "local_cc": round(float(out["similarity"][0]), 6)})
+        report.append(
+            {
+                "spacing_mm": spacing,
+                "grid_mm": [round(g, 4) for g in grid],
+                "shape": list(shape),
+                "iterations": iterations,
+                "local_cc": round(float(out["similarity"][0]), 6),
+            }
+        )
         current = np.asarray(dvf_voxel_to_mm(refined, fixed_level.affine), dtype=np.float32)
         current_affine = fixed_level.affine
         if timer is not None:
