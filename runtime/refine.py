@@ -122,15 +122,18 @@ def _native_spacing(fixed: Volume, cfg: PreprocessConfig) -> np.ndarray:
 def plan_levels(
     levels: Sequence[float], fixed: Volume, cfg: PreprocessConfig | None = None, max_voxels: int = MAX_LEVEL_VOXELS
 ) -> list[tuple[float, tuple[float, float, float]]]:
-    """The pyramid actually run: ``(nominal spacing, grid spacing per axis)`` per level. A level
-    is never finer than the scan along any axis (a 10 mm-slice CT keeps 10 mm slices: nothing
-    to gain there, and 3x the voxels to pay); levels that add nothing over the previous one, or
-    whose grid would exceed ``max_voxels``, are dropped."""
+    """The pyramid actually run: ``(nominal spacing, grid spacing per axis)`` per level. Grids
+    are isotropic and never finer than the scan's finest spacing; levels that add nothing over
+    the previous one, or whose grid would exceed ``max_voxels``, are dropped.
+
+    Keeping a thick-slice scan's slice spacing instead (e.g. 3 x 3 x 10 mm for the chest CT)
+    costs 3.5x fewer voxels but measured lower Dice on the chest CT pairs of EVALUATION.md
+    (0.893 / 0.865 against 0.916 / 0.901), so isotropic grids it is."""
     native = _native_spacing(fixed, cfg or PreprocessConfig())
     extent = np.asarray(fixed.data.shape[:3], dtype=np.float64) * np.asarray(voxel_spacing(fixed.affine))
     plan: list[tuple[float, tuple[float, float, float]]] = []
     for s in levels:
-        grid = tuple(float(max(float(s), n)) for n in native)
+        grid = (float(max(float(s), native.min())),) * 3
         if float(np.prod(np.ceil(extent / min(grid)))) > max_voxels * max(grid) / min(grid):
             continue
         if plan and np.allclose(plan[-1][1], grid):

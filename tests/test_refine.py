@@ -195,9 +195,9 @@ def test_refine_options_and_levels_are_checked():
     fine = _box_volume((0.0, 0.0, 0.0), spacing=3.0)
     plan = plan_levels((8.0, 4.0, 2.0, 1.0), fine)
     assert [grid for _, grid in plan] == [(8.0,) * 3, (4.0,) * 3, (3.0,) * 3]  # nothing finer than the scan
-    thick = volume_from_array(np.zeros((40, 40, 12), np.float32), np.diag([1.0, 1.0, 10.0, 1.0]), "thick")
-    # a 10 mm-slice scan keeps its slices: the fine level is 2 x 2 x 10 mm, not 2 mm cubes
-    assert [grid for _, grid in plan_levels((4.0, 2.0), thick)] == [(4.0, 4.0, 10.0), (2.0, 2.0, 10.0)]
+    thick = volume_from_array(np.zeros((40, 40, 12), np.float32), np.diag([1.5, 1.5, 10.0, 1.0]), "thick")
+    # grids stay isotropic, at most as fine as the scan's finest spacing
+    assert [grid for _, grid in plan_levels((4.0, 1.0), thick)] == [(4.0,) * 3, (1.5,) * 3]
 
 
 # ----------------------------------------------------------------------------- through the runtime
