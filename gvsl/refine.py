@@ -30,6 +30,11 @@ One iteration, on one grid (voxel units; pull-back convention of
    (``sigma_total``) by the fraction ``regularisation`` (0 = none, 1 = full
    smoothing every step): the "elastic" regulariser, one knob at run time.
 
+:func:`affine_step` is the same ascent for a 12-parameter affine about the
+grid centre (the voxel force projected on the parameters, each part
+normalised to move the grid by ``step`` voxels, the step shrinking to zero
+over the run): the stage that aligns two scans before the network sees them.
+
 The Gaussian kernels and the window radius are graph constants
 (:class:`RefineSettings`, recorded in the export's metadata); step size,
 regularisation and the iteration count are run-time inputs.
@@ -66,6 +71,8 @@ __all__ = [
 #: guards the CC ratios; far below the product of two local variances of [0, 1] images (~1e-8 for
 #: 1 % noise), so flat regions keep a normalised gradient and identical images get none
 _EPS = 1e-10
+#: Local variance (intensities in [0, 1]) below which a window counts as flat: 1 % noise.
+VARIANCE_FLOOR = 1e-4
 
 
 @dataclass(frozen=True)
@@ -221,9 +228,6 @@ def sample_clamped(src: torch.Tensor, locs: torch.Tensor) -> torch.Tensor:
                 out = terms if not out else [acc + term for acc, term in zip(out, terms, strict=True)]
     return torch.cat(out, dim=0).reshape(1, c, *locs.shape[2:])
 
-
-#: Local variance (intensities in [0, 1]) below which a window counts as flat: 1 % noise.
-VARIANCE_FLOOR = 1e-4
 
 #: Smallest reference update length (mean over voxels, before scaling): images normalised to
 #: [0, 1] give about 0.07 when misaligned (0.006 at a tenth of the contrast) and 5e-8 when identical,

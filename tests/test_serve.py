@@ -347,7 +347,10 @@ def test_triton_endpoints_config_and_metrics(server):
             ("image", "TYPE_FP32", [-1, -1, -1]),
             ("affine", "TYPE_FP64", [4, 4]),
         ]
-        assert [o["name"] for o in cfg["output"]] == ["embedding", "features", ERROR_OUTPUT]
+        assert [o["name"] for o in cfg["output"]] == ["embedding", "embedding_raw", "features", ERROR_OUTPUT]
+        cfg = c.get_model_config(REGISTER_MODEL)  # per-request initial alignment and refinement
+        assert [i["name"] for i in cfg["input"]][-3:] == ["init", "refine", "regularisation"]
+        assert "shift" in [o["name"] for o in cfg["output"]]
     finally:
         c.close()
     g = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}")
