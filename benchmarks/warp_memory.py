@@ -84,7 +84,7 @@ def export_graphs(out: Path, channels: int, graphs: list[str]) -> dict[str, Path
     from gvsl.config import ModelConfig
     from gvsl.export.onnx_export import export_graph
     from gvsl.model import GVSL
-    from gvsl.runtime import artifact as A
+    from gvsl.runtime import artifact
     from gvsl.spatial import affine_warp
 
     paths: dict[str, Path] = {}
@@ -114,7 +114,7 @@ def export_graphs(out: Path, channels: int, graphs: list[str]) -> dict[str, Path
             widths=(8, 16, 16, 32, 32, 32, 16, 16, channels), affine_width=32, deform_width=8, restore_width=8
         )
         paths["registration"] = export_graph(
-            GVSL(cfg).eval(), A.REGISTRATION, out / "registration.onnx", metadata={}, warp="gather"
+            GVSL(cfg).eval(), artifact.REGISTRATION, out / "registration.onnx", metadata={}, warp="gather"
         )
     return paths
 

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from gvsl import __version__
 from gvsl.export.errors import ExportError
-from gvsl.runtime import artifact as A
+from gvsl.runtime import artifact
 from gvsl.runtime.atomic import atomic_write
 
 #: Warps for the registration graph: ``gather`` builds in TensorRT (and is the
@@ -130,18 +130,18 @@ def graph_module(
     if precision not in ALL_PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(ALL_PRECISIONS)}, got {precision!r}")
     m = _with_precision(model, precision)
-    if kind == A.ENCODER:
+    if kind == artifact.ENCODER:
         return EncoderGraph(m, dense).eval()
-    if kind == A.REGISTRATION:
+    if kind == artifact.REGISTRATION:
         return RegistrationGraph(m, warp).eval()
-    raise ExportError(f"graph kind must be {A.ENCODER!r} or {A.REGISTRATION!r}, got {kind!r}")
+    raise ExportError(f"graph kind must be {artifact.ENCODER!r} or {artifact.REGISTRATION!r}, got {kind!r}")
 
 
 def io_names(kind: str, dense: bool = True) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(input names, output names) of a graph, from the runtime contract."""
-    if kind == A.ENCODER:
-        return A.ENCODER_INPUTS, A.ENCODER_OUTPUTS if dense else A.ENCODER_OUTPUTS[:1]
-    return A.REGISTRATION_INPUTS, A.REGISTRATION_OUTPUTS
+    if kind == artifact.ENCODER:
+        return artifact.ENCODER_INPUTS, artifact.ENCODER_OUTPUTS if dense else artifact.ENCODER_OUTPUTS[:1]
+    return artifact.REGISTRATION_INPUTS, artifact.REGISTRATION_OUTPUTS
 
 
 def build_metadata(
@@ -154,22 +154,22 @@ def build_metadata(
     when the model has statistics (``gvsl embed-stats``).
     """
     meta = {
-        A.META_FORMAT: A.FORMAT,
-        A.META_KIND: kind,
-        A.META_VERSION: __version__,
-        A.META_MODEL: json.dumps(source.config.to_dict(), sort_keys=True),
-        A.META_PREPROCESS: json.dumps(source.preprocess.to_dict(), sort_keys=True),
-        A.META_PATCH: json.dumps(list(source.patch_size)),
-        A.META_WEIGHTS_SHA: source.weights_sha256,
-        A.META_PRECISION: precision,
+        artifact.META_FORMAT: artifact.FORMAT,
+        artifact.META_KIND: kind,
+        artifact.META_VERSION: __version__,
+        artifact.META_MODEL: json.dumps(source.config.to_dict(), sort_keys=True),
+        artifact.META_PREPROCESS: json.dumps(source.preprocess.to_dict(), sort_keys=True),
+        artifact.META_PATCH: json.dumps(list(source.patch_size)),
+        artifact.META_WEIGHTS_SHA: source.weights_sha256,
+        artifact.META_PRECISION: precision,
     }
-    if kind == A.REGISTRATION:
-        meta[A.META_WARP] = warp or "gather"
+    if kind == artifact.REGISTRATION:
+        meta[artifact.META_WARP] = warp or "gather"
     else:
-        meta[A.META_DENSE] = "true" if dense in (None, True) else "false"
+        meta[artifact.META_DENSE] = "true" if dense in (None, True) else "false"
         stats = source.embedding_stats
         if stats is not None:
-            meta[A.META_EMBEDDING_STATS] = json.dumps(stats, sort_keys=True)
+            meta[artifact.META_EMBEDDING_STATS] = json.dumps(stats, sort_keys=True)
     return meta
 
 
@@ -195,7 +195,7 @@ def export_graph(
     """
     import onnx
 
-    check_opset(opset, warp if kind == A.REGISTRATION else "gather")
+    check_opset(opset, warp if kind == artifact.REGISTRATION else "gather")
     path = Path(path)
     graph = graph_module(model, kind, precision, warp, dense)
     inputs, outputs = io_names(kind, dense)

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from gvsl.config import SIZE_MULTIPLE
-from gvsl.export import onnx_export as OX
+from gvsl.export import onnx_export
 from gvsl.export.errors import ExportError
 from gvsl.export.manifest import file_entry, new_manifest, write_manifest
 from gvsl.export.source import Source, load_source
 from gvsl.export.trt_check import check_tensorrt
 from gvsl.export.verify import DEFAULT_VERIFY_SHAPES, ParityResult, compare, raise_on_failure, reference, verify_onnx
-from gvsl.runtime import artifact as A
+from gvsl.runtime import artifact
 from gvsl.runtime.atomic import published_mode
 
 FORMATS = ("onnx", "engine", "all")
@@ -32,7 +32,7 @@ AFFINE_IDENTITY_NOTE = (
     "registration uses the identity affine (the official release's affine head never trained); "
     "the dvf is the deformable head's alone. `gvsl export --official-affine` applies the released head"
 )
-KINDS = (A.ENCODER, A.REGISTRATION)
+KINDS = (artifact.ENCODER, artifact.REGISTRATION)
 
 Progress = Callable[[str, int, int], None]  # (step label, steps done, steps total)
 Log = Callable[[str], None]
@@ -44,7 +44,7 @@ class ExportOptions:
 
     format: str = "onnx"
     precisions: tuple[str, ...] = ("fp32",)
-    opset: int = OX.DEFAULT_OPSET
+    opset: int = onnx_export.DEFAULT_OPSET
     warp: str = "gather"
     dense: bool = True
     verify: bool = True
@@ -85,8 +85,8 @@ def _check_options(opt: ExportOptions, out: Path) -> dict[str, Any]:
     if not opt.precisions:
         raise ExportError("--precision: give at least one of fp32, fp16, bf16")
     for p in opt.precisions:
-        if p not in OX.ALL_PRECISIONS:
-            raise ExportError(f"--precision {p!r}: choose from {', '.join(OX.ALL_PRECISIONS)}")
+        if p not in onnx_export.ALL_PRECISIONS:
+            raise ExportError(f"--precision {p!r}: choose from {', '.join(onnx_export.ALL_PRECISIONS)}")
     want_onnx = opt.format in ("onnx", "all")
     want_engine = opt.format in ("engine", "all")
     if want_onnx and not want_engine and "bf16" in opt.precisions:
@@ -94,7 +94,7 @@ def _check_options(opt: ExportOptions, out: Path) -> dict[str, Any]:
             "--precision bf16 is for TensorRT engines only (ONNX has no bf16 InstanceNormalization and ONNX "
             "Runtime CPU cannot run it); use --format engine or all, or --precision fp16"
         )
-    OX.check_opset(opt.opset, opt.warp)
+    onnx_export.check_opset(opt.opset, opt.warp)
     if want_engine and opt.warp != "gather":
         raise ExportError(
             "--warp grid_sample cannot build in TensorRT (its GridSample is 2-D only); use --warp gather for engines"
@@ -154,25 +154,25 @@ def run_export(
     trt_info: dict[str, Any] = {}
     profiles: list[Any] = []
     if want_engine:  # fail fast, before minutes of export work
-        from gvsl.export import tensorrt_build as TB
+        from gvsl.export import tensorrt_build
 
-        trt = TB.require_tensorrt()
-        trt_info = {"tensorrt_version": str(trt.__version__), **TB.gpu_target()}
+        trt = tensorrt_build.require_tensorrt()
+        trt_info = {"tensorrt_version": str(trt.__version__), **tensorrt_build.gpu_target()}
 
     source = load_source(source_path, opt.widths, opt.official_affine)
     if want_engine:
-        profiles = TB.make_profiles(opt.min_shapes, opt.opt_shapes, opt.max_shapes, source.patch_size)
+        profiles = tensorrt_build.make_profiles(opt.min_shapes, opt.opt_shapes, opt.max_shapes, source.patch_size)
     if source.patch_size_from == "default":
         say(f"note: {source.path} records no training patch size; metadata says {list(source.patch_size)} (default)")
     if source.config.affine_head == "identity":
         say(f"note: {AFFINE_IDENTITY_NOTE}")
     volumes = _load_volumes(opt.verify_data, source) if opt.verify_data and opt.verify else []
 
-    onnx_precisions = [p for p in opt.precisions if p in OX.ONNX_PRECISIONS] if want_onnx else []
+    onnx_precisions = [p for p in opt.precisions if p in onnx_export.ONNX_PRECISIONS] if want_onnx else []
     engine_precisions = list(opt.precisions) if want_engine else []
     build_precisions = sorted(
         set(onnx_precisions) | {("fp16" if p == "fp16" else "fp32") for p in engine_precisions},
-        key=OX.ALL_PRECISIONS.index,
+        key=onnx_export.ALL_PRECISIONS.index,
     )
     total = len(KINDS) * (len(build_precisions) + len(engine_precisions)) + 1 + bool(opt.triton_repo) + want_onnx
     done = 0
@@ -195,8 +195,8 @@ def run_export(
             for kind in KINDS:
                 step(f"export {onnx_name(kind, prec)}")
                 path = build_dir / onnx_name(kind, prec)
-                meta = OX.build_metadata(source, kind, prec, warp=opt.warp, dense=opt.dense)
-                OX.export_graph(
+                meta = onnx_export.build_metadata(source, kind, prec, warp=opt.warp, dense=opt.dense)
+                onnx_export.export_graph(
                     source.model,
                     kind,
                     path,
@@ -226,8 +226,8 @@ def run_export(
                             format="onnx",
                             precision=prec,
                             opset=opt.opset,
-                            **({"warp": opt.warp} if kind == A.REGISTRATION else {"dense": opt.dense}),
-                            **OX.graph_io(path),
+                            **({"warp": opt.warp} if kind == artifact.REGISTRATION else {"dense": opt.dense}),
+                            **onnx_export.graph_io(path),
                             tensorrt_compatible=not issues,
                             parity=[r.to_dict() for r in parity],
                         )
@@ -238,11 +238,13 @@ def run_export(
         engine_files: dict[str, Path] = {}
         for prec in engine_precisions:
             for kind in KINDS:
-                name = TB.engine_name(kind, prec, trt_info["sm"], trt_info["tensorrt_version"])
+                name = tensorrt_build.engine_name(kind, prec, trt_info["sm"], trt_info["tensorrt_version"])
                 step(f"build {name}")
                 src_onnx = onnx_files[(kind, "fp16" if prec == "fp16" else "fp32")]
-                cache = opt.timing_cache or TB.default_timing_cache(trt_info["sm"], trt_info["tensorrt_version"])
-                info = TB.build_engine(
+                cache = opt.timing_cache or tensorrt_build.default_timing_cache(
+                    trt_info["sm"], trt_info["tensorrt_version"]
+                )
+                info = tensorrt_build.build_engine(
                     src_onnx,
                     tmp / name,
                     precision=prec,
@@ -314,10 +316,10 @@ def _export_refine(folder: Path, verify: bool) -> list[dict[str, Any]]:
 
     settings = RefineSettings()
     entries = []
-    for kind in (A.REFINE, A.REFINE_AFFINE):
+    for kind in (artifact.REFINE, artifact.REFINE_AFFINE):
         path = export_refine(folder / f"{kind}.onnx", settings, kind=kind)
         parity = []
-        if verify and kind == A.REFINE:
+        if verify and kind == artifact.REFINE:
             result = verify_refine(path, settings)
             if not result["passed"]:
                 raise ExportError(
@@ -333,7 +335,7 @@ def _export_refine(folder: Path, verify: bool) -> list[dict[str, Any]]:
                 format="onnx",
                 precision="fp32",
                 settings=settings.to_dict(),
-                **OX.graph_io(path),
+                **onnx_export.graph_io(path),
                 tensorrt_compatible=not issues,
                 parity=parity,
             )
@@ -381,7 +383,7 @@ def _verify_engine(
         got = run_engine(path, inputs)
         ref = reference(source.model, kind, inputs, opt.dense)
         res = ParityResult(path.name, precision, "random", list(inputs[0].shape))
-        names = OX.io_names(kind, opt.dense)[1]
+        names = onnx_export.io_names(kind, opt.dense)[1]
         for name, r in zip(names, ref, strict=True):
             g = got[name]
             par, why = compare(name, g, r, "fp16" if precision == "bf16" else precision)

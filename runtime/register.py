@@ -52,8 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from . import artifact as A
-from . import cpu_pool
+from . import artifact, cpu_pool
 from .backends import Backend, ModelInfo, load_backend, resolve_model_file
 from .errors import GvslInputError
 from .geometry import dvf_voxel_to_mm, model_affine_convention, network_affine_to_voxel
@@ -241,7 +240,7 @@ def score_labels(
     return scores
 
 
-def _refine_file(model: Any, kind: str = A.REFINE) -> Path | None:
+def _refine_file(model: Any, kind: str = artifact.REFINE) -> Path | None:
     """``refine.onnx`` (or ``refine_affine.onnx``) for ``model``: beside it in its export folder,
     else the one shipped with the default model (the graphs have no learned weights, so any
     export's copy serves)."""
@@ -301,8 +300,8 @@ class Registrar:
         if isinstance(model, Backend):
             self.backend = model
         else:
-            self.backend = load_backend(model, A.REGISTRATION, backend, device, **backend_options)
-        if self.backend.info.kind != A.REGISTRATION:
+            self.backend = load_backend(model, artifact.REGISTRATION, backend, device, **backend_options)
+        if self.backend.info.kind != artifact.REGISTRATION:
             raise GvslInputError(f"{self.backend.info.path}: not a registration graph", self.backend.info.path)
         self.refine_options = refine if refine is not None else RefineOptions()
         self.refiner: Backend | None = None
@@ -312,7 +311,7 @@ class Registrar:
             path = Path(refine_model) if refine_model is not None else _refine_file(model)
             if path is not None:
                 refine_backend = "onnxruntime" if backend in ("auto", "torch") else backend
-                self.refiner = load_backend(path, A.REFINE, refine_backend, device, **backend_options)
+                self.refiner = load_backend(path, artifact.REFINE, refine_backend, device, **backend_options)
             elif self.refine_options.enabled:
                 warnings.warn(
                     f"{self.backend.info.path}: this export has no refine.onnx; registering with the network alone "
@@ -320,10 +319,12 @@ class Registrar:
                     stacklevel=2,
                 )
         self.affine_refiner: Backend | None = None
-        affine_path = _refine_file(model, A.REFINE_AFFINE) if not isinstance(refine_model, Backend) else None
+        affine_path = _refine_file(model, artifact.REFINE_AFFINE) if not isinstance(refine_model, Backend) else None
         if affine_path is not None:
             refine_backend = "onnxruntime" if backend in ("auto", "torch") else backend
-            self.affine_refiner = load_backend(affine_path, A.REFINE_AFFINE, refine_backend, device, **backend_options)
+            self.affine_refiner = load_backend(
+                affine_path, artifact.REFINE_AFFINE, refine_backend, device, **backend_options
+            )
         self.init = init
         self.fill = fill
         self.max_voxels = max_voxels

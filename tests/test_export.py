@@ -27,7 +27,7 @@ from gvsl.export.trt_check import assert_tensorrt_compatible
 from gvsl.export.verify import compare, reference
 from gvsl.io import save_model
 from gvsl.model import GVSL
-from gvsl.runtime import artifact as A
+from gvsl.runtime import artifact
 from gvsl.runtime.geometry import model_affine_convention
 from gvsl.runtime.preprocess import PreprocessConfig
 from gvsl.spatial import dvf_warp, identity_grid, sample
@@ -75,7 +75,7 @@ def _model(run: Path) -> GVSL:
 
 
 # ----------------------------------------------------------------------------- graphs
-@pytest.mark.parametrize("kind", [A.ENCODER, A.REGISTRATION])
+@pytest.mark.parametrize("kind", [artifact.ENCODER, artifact.REGISTRATION])
 def test_graphs_run_at_two_sizes_and_batch_sizes_with_parity(exported, kind):
     model = _model(exported["run"])
     sess = ort.InferenceSession(str(exported["out"] / f"{kind}.onnx"), providers=["CPUExecutionProvider"])
@@ -90,7 +90,7 @@ def test_graphs_run_at_two_sizes_and_batch_sizes_with_parity(exported, kind):
             assert not why, why
             assert par.rel < 1e-4
     names = [o.name for o in sess.get_outputs()]
-    assert tuple(names) == (A.ENCODER_OUTPUTS if kind == A.ENCODER else A.REGISTRATION_OUTPUTS)
+    assert tuple(names) == (artifact.ENCODER_OUTPUTS if kind == artifact.ENCODER else artifact.REGISTRATION_OUTPUTS)
 
 
 def test_fp16_variant_keeps_embeddings(exported):
@@ -98,7 +98,7 @@ def test_fp16_variant_keeps_embeddings(exported):
     sess = ort.InferenceSession(str(exported["out"] / "encoder.fp16.onnx"), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(2).random((2, 1, 32, 32, 32), dtype=np.float32)
     emb, feats = sess.run(None, {"image": x})
-    ref_emb, ref_feats = reference(model, A.ENCODER, [x])
+    ref_emb, ref_feats = reference(model, artifact.ENCODER, [x])
     assert emb.dtype == np.float32  # I/O stays float32; compute is fp16 inside
     cos = (emb * ref_emb).sum(1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(ref_emb, axis=1)
     assert cos.min() >= 0.999
@@ -115,11 +115,11 @@ def test_encoder_without_dense_output(tiny_run, tmp_path):
     from gvsl.export.source import load_source
 
     src = load_source(tiny_run)
-    meta = build_metadata(src, A.ENCODER, "fp32", dense=False)
-    path = export_graph(src.model, A.ENCODER, tmp_path / "enc.onnx", metadata=meta, dense=False, simplify=False)
+    meta = build_metadata(src, artifact.ENCODER, "fp32", dense=False)
+    path = export_graph(src.model, artifact.ENCODER, tmp_path / "enc.onnx", metadata=meta, dense=False, simplify=False)
     io = graph_io(path)
     assert list(io["outputs"]) == ["embedding"] and io["outputs"]["embedding"] == ["batch", 32]
-    assert ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map[A.META_DENSE] == "false"
+    assert ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map[artifact.META_DENSE] == "false"
 
 
 # ----------------------------------------------------------------------------- the gather warp
@@ -172,26 +172,26 @@ def test_gather_sampler_through_onnxruntime_matches_grid_sample(tmp_path):
 def test_metadata_round_trip_through_onnxruntime(exported):
     sha = sha256_file(exported["run"] / "model" / "model.safetensors")
     for name, kind, prec in (
-        ("encoder.onnx", A.ENCODER, "fp32"),
-        ("registration.onnx", A.REGISTRATION, "fp32"),
-        ("registration.fp16.onnx", A.REGISTRATION, "fp16"),
+        ("encoder.onnx", artifact.ENCODER, "fp32"),
+        ("registration.onnx", artifact.REGISTRATION, "fp32"),
+        ("registration.fp16.onnx", artifact.REGISTRATION, "fp16"),
     ):
         meta = ort.InferenceSession(str(exported["out"] / name)).get_modelmeta().custom_metadata_map
-        assert meta[A.META_FORMAT] == A.FORMAT and meta[A.META_KIND] == kind
-        assert ModelConfig.from_json(meta[A.META_MODEL]) == ModelConfig.from_preset("tiny")
+        assert meta[artifact.META_FORMAT] == artifact.FORMAT and meta[artifact.META_KIND] == kind
+        assert ModelConfig.from_json(meta[artifact.META_MODEL]) == ModelConfig.from_preset("tiny")
         # the runtime reads the affine convention of a gvsl-trained model from here
-        assert model_affine_convention(json.loads(meta[A.META_MODEL])) == "centered"
-        assert PreprocessConfig.from_dict(json.loads(meta[A.META_PREPROCESS])) == PreprocessConfig(
+        assert model_affine_convention(json.loads(meta[artifact.META_MODEL])) == "centered"
+        assert PreprocessConfig.from_dict(json.loads(meta[artifact.META_PREPROCESS])) == PreprocessConfig(
             spacing=None, modality="mr"
         )
-        assert json.loads(meta[A.META_PATCH]) == PATCH
-        assert meta[A.META_WEIGHTS_SHA] == sha
-        assert meta[A.META_PRECISION] == prec
-        assert meta[A.META_VERSION]
-        if kind == A.REGISTRATION:
-            assert meta[A.META_WARP] == "gather"
+        assert json.loads(meta[artifact.META_PATCH]) == PATCH
+        assert meta[artifact.META_WEIGHTS_SHA] == sha
+        assert meta[artifact.META_PRECISION] == prec
+        assert meta[artifact.META_VERSION]
+        if kind == artifact.REGISTRATION:
+            assert meta[artifact.META_WARP] == "gather"
         else:
-            assert meta[A.META_DENSE] == "true"
+            assert meta[artifact.META_DENSE] == "true"
 
 
 def test_manifest_lists_artifacts_with_hashes_and_parity(exported):
@@ -224,7 +224,7 @@ def test_info_describes_onnx_and_folder(exported):
         "fixed": ["batch", 1, "depth", "height", "width"],
         "moving": ["batch", 1, "depth", "height", "width"],
     }
-    assert d["metadata"][A.META_PATCH] == PATCH and d["tensorrt_compatible"]
+    assert d["metadata"][artifact.META_PATCH] == PATCH and d["tensorrt_compatible"]
     res = CliRunner().invoke(app, ["info", str(exported["out"] / "encoder.onnx")])
     assert res.exit_code == 0, res.output
     assert sha256_file(exported["out"] / "encoder.onnx") in res.output and "embedding" in res.output
@@ -243,12 +243,12 @@ def test_trt_check_flags_5d_gridsample_and_passes_gather_graph(exported, tiny_ru
     src = load_source(tiny_run)
     path = export_graph(
         src.model,
-        A.REGISTRATION,
+        artifact.REGISTRATION,
         tmp_path / "gs.onnx",
         opset=20,
         warp="grid_sample",
         simplify=False,
-        metadata=build_metadata(src, A.REGISTRATION, "fp32", warp="grid_sample"),
+        metadata=build_metadata(src, artifact.REGISTRATION, "fp32", warp="grid_sample"),
     )
     issues = check_tensorrt(path)
     assert issues and all(i.op == "GridSample" and "5-D" in i.message for i in issues)
@@ -256,7 +256,7 @@ def test_trt_check_flags_5d_gridsample_and_passes_gather_graph(exported, tiny_ru
         assert_tensorrt_compatible(path, "gs.onnx")
     # it is still a valid ONNX Runtime graph
     x = np.random.default_rng(0).random((1, 1, 16, 16, 32), dtype=np.float32)
-    ref = reference(src.model, A.REGISTRATION, [x, x[:, :, ::-1].copy()])
+    ref = reference(src.model, artifact.REGISTRATION, [x, x[:, :, ::-1].copy()])
     got = ort.InferenceSession(str(path)).run(None, {"fixed": x, "moving": x[:, :, ::-1].copy()})
     assert not compare("warped", got[2], ref[2], "fp32")[1]
 
@@ -302,7 +302,7 @@ def test_trt_check_rules_on_small_graphs():
 # ----------------------------------------------------------------------------- Triton
 def test_triton_repository_configs_parse(exported):
     cfg = ModelConfig.from_preset("tiny")
-    for kind, name in ((A.ENCODER, "gvsl_encoder"), (A.REGISTRATION, "gvsl_registration")):
+    for kind, name in ((artifact.ENCODER, "gvsl_encoder"), (artifact.REGISTRATION, "gvsl_registration")):
         text = (exported["triton"] / name / "config.pbtxt").read_text()
         msg = parse_config(text)
         validate_config(msg, kind, cfg)
@@ -312,12 +312,12 @@ def test_triton_repository_configs_parse(exported):
         assert sha256_file(model_file) == sha256_file(exported["out"] / f"{kind}.onnx")
         trt_msg = parse_config(config_text(kind, "tensorrt", cfg))
         assert trt_msg.backend == "tensorrt" and trt_msg.default_model_filename == "model.plan"
-        assert [list(o.dims) for o in trt_msg.output][0] == ([32] if kind == A.ENCODER else [3, 4])
+        assert [list(o.dims) for o in trt_msg.output][0] == ([32] if kind == artifact.ENCODER else [3, 4])
     with pytest.raises(ExportError, match="not a valid Triton"):
         parse_config('name: "x"\nmax_batch_size: "four"\n')
-    bad = parse_config(config_text(A.ENCODER, "onnxruntime", cfg).replace('"embedding"', '"emb"'))
+    bad = parse_config(config_text(artifact.ENCODER, "onnxruntime", cfg).replace('"embedding"', '"emb"'))
     with pytest.raises(ExportError, match="do not match"):
-        validate_config(bad, A.ENCODER, cfg)
+        validate_config(bad, artifact.ENCODER, cfg)
 
 
 # ----------------------------------------------------------------------------- official checkpoint
@@ -328,9 +328,9 @@ def test_official_plain_state_dict_exports(tmp_path):
     man = run_export(pth, tmp_path / "out", ExportOptions(verify_shapes=((1, 16, 16, 16),)))
     assert man["source"]["kind"] == "official-pth" and man["patch_size_from"] == "default"
     meta = ort.InferenceSession(str(tmp_path / "out" / "encoder.onnx")).get_modelmeta().custom_metadata_map
-    assert json.loads(meta[A.META_PATCH]) == [128, 128, 128]
-    assert meta[A.META_WEIGHTS_SHA] == sha256_file(pth)
-    assert model_affine_convention(json.loads(meta[A.META_MODEL])) == "official"  # the authors' quirk
+    assert json.loads(meta[artifact.META_PATCH]) == [128, 128, 128]
+    assert meta[artifact.META_WEIGHTS_SHA] == sha256_file(pth)
+    assert model_affine_convention(json.loads(meta[artifact.META_MODEL])) == "official"  # the authors' quirk
     emb = man["artifacts"][0]["outputs"]["embedding"]
     assert emb == ["batch", 512]
     assert all(p["passed"] for a in man["artifacts"] for p in a["parity"])
@@ -512,18 +512,18 @@ def test_existing_output_needs_force_and_parity_failure_writes_nothing(tiny_run,
     res = _cli(str(tiny_run), "-o", str(out))
     assert res.exit_code == 2 and "--force" in res.output and (out / "keep.txt").exists()
 
-    import gvsl.export.verify as V
+    import gvsl.export.verify as verify_module
 
-    real = V.reference
+    real = verify_module.reference
 
     def broken(model, kind, inputs, dense=True):
         return [r + 0.01 for r in real(model, kind, inputs, dense)]
 
-    monkeypatch.setattr(V, "reference", broken)
+    monkeypatch.setattr(verify_module, "reference", broken)
     res = _cli(str(tiny_run), "-o", str(out), "--force", "--verify-shape", "1,16,16,16")
     assert res.exit_code == 2 and "parity with PyTorch failed" in res.output
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and _clean(tmp_path)
-    monkeypatch.setattr(V, "reference", real)
+    monkeypatch.setattr(verify_module, "reference", real)
     res = _cli(str(tiny_run), "-o", str(out), "--force", "--verify-shape", "1,16,16,16")
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in out.iterdir()) == [

@@ -20,7 +20,7 @@ from gvsl.export import ExportOptions, run_export
 from gvsl.export.onnx_export import export_graph
 from gvsl.io import save_model
 from gvsl.model import GVSL
-from gvsl.runtime import artifact as A
+from gvsl.runtime import artifact
 from gvsl.runtime.atomic import atomic_write, current_umask, published_mode
 from gvsl.runtime.io import save_npy
 from gvsl.runtime.preprocess import PreprocessConfig, save_nifti
@@ -122,7 +122,7 @@ def test_export_folder_and_onnx_files_get_the_umask_mode(umask022, tmp_path):
         assert mode(out / name) == file_mode, (name, oct(mode(out / name)))
     # one graph written on its own (not through the export folder, whose tree is chmod-ed when published)
     direct = export_graph(
-        GVSL(ModelConfig.from_preset("tiny")), A.ENCODER, tmp_path / "alone" / "encoder.onnx", metadata={},
+        GVSL(ModelConfig.from_preset("tiny")), artifact.ENCODER, tmp_path / "alone" / "encoder.onnx", metadata={},
         simplify=False, example_shape=(1, 1, 16, 16, 16),
     )  # fmt: skip
     assert mode(direct) == file_mode and sorted(p.name for p in direct.parent.iterdir()) == ["encoder.onnx"]

@@ -72,9 +72,7 @@ def fixed_eval_loss(model, batch) -> float:
 
 
 def test_training_lowers_the_loss_on_real_volumes(mni_dir, tmp_path):
-    cfg = train_cfg(
-        mni_dir, tmp_path / "run", iterations=30, lr=2e-3, checkpoint_every=1000, patch_size=(32, 32, 32)
-    )
+    cfg = train_cfg(mni_dir, tmp_path / "run", iterations=30, lr=2e-3, checkpoint_every=1000, patch_size=(32, 32, 32))
     from gvsl.data import PairDataset, VolumeCache, list_volumes
     from gvsl.model import GVSL
     from gvsl.runtime.preprocess import PreprocessConfig
@@ -260,8 +258,22 @@ def test_torchrun_two_processes_gloo(mni_dir, tmp_path):
     torchrun = torchrun_command()
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "gvsl.cli.main", "train", str(mni_dir),
-           "-o", str(out), "--iterations", "3", "--quiet", *TINY]
+    cmd = [
+        torchrun,
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "gvsl.cli.main",
+        "train",
+        str(mni_dir),
+        "-o",
+        str(out),
+        "--iterations",
+        "3",
+        "--quiet",
+        *TINY,
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
@@ -441,7 +453,9 @@ def test_warm_start_copies_weights_and_refuses_another_architecture(tmp_path):
     folder = save_model(source, tmp_path / "source", preprocess={}, extra={"patch_size": [16, 16, 16]})
     torch.manual_seed(1)
     target = GVSL(ModelConfig.from_preset("tiny"))
-    assert not torch.equal(target.state_dict()["unet.inc.double_conv.0.weight"], source.state_dict()["unet.inc.double_conv.0.weight"])
+    assert not torch.equal(
+        target.state_dict()["unet.inc.double_conv.0.weight"], source.state_dict()["unet.inc.double_conv.0.weight"]
+    )
     _warm_start(target, str(folder), torch.device("cpu"))
     for name, tensor in source.state_dict().items():
         assert torch.equal(target.state_dict()[name], tensor), name

@@ -14,7 +14,7 @@ from gvsl.export import ExportOptions, run_export
 from gvsl.export.verify import compare, reference
 from gvsl.io import load_model, save_model
 from gvsl.model import GVSL
-from gvsl.runtime import artifact as A
+from gvsl.runtime import artifact
 from gvsl.runtime.preprocess import PreprocessConfig
 
 pytestmark = pytest.mark.gpu
@@ -67,15 +67,15 @@ def test_engine_files_record_gpu_and_tensorrt_version(built):
     assert (built["base"] / "timing.cache").stat().st_size > 0
 
 
-@pytest.mark.parametrize("kind", [A.ENCODER, A.REGISTRATION])
+@pytest.mark.parametrize("kind", [artifact.ENCODER, artifact.REGISTRATION])
 def test_engines_run_at_two_sizes_with_parity(built, kind):
     from gvsl.export.tensorrt_build import run_engine
 
     rng = np.random.default_rng(0)
     for n, spatial in ((1, (32, 32, 32)), (2, (16, 48, 32))):
-        inputs = [rng.random((n, 1, *spatial), dtype=np.float32) for _ in range(1 if kind == A.ENCODER else 2)]
+        inputs = [rng.random((n, 1, *spatial), dtype=np.float32) for _ in range(1 if kind == artifact.ENCODER else 2)]
         ref = reference(built["model"], kind, inputs)
-        names = A.ENCODER_OUTPUTS if kind == A.ENCODER else A.REGISTRATION_OUTPUTS
+        names = artifact.ENCODER_OUTPUTS if kind == artifact.ENCODER else artifact.REGISTRATION_OUTPUTS
         for prec in ("fp32", "fp16"):
             got = run_engine(_engines(built)[(kind, prec)], inputs)
             for name, r in zip(names, ref, strict=True):
@@ -93,11 +93,11 @@ def test_tensorrt_parser_rejects_5d_gridsample_like_the_static_check(built, tmp_
     src = load_source(built["base"] / "run")
     path = export_graph(
         src.model,
-        A.REGISTRATION,
+        artifact.REGISTRATION,
         tmp_path / "gs.onnx",
         opset=20,
         warp="grid_sample",
-        metadata=build_metadata(src, A.REGISTRATION, "fp32", warp="grid_sample"),
+        metadata=build_metadata(src, artifact.REGISTRATION, "fp32", warp="grid_sample"),
     )
     assert check_tensorrt(path)
     logger = trt.Logger(trt.Logger.ERROR)
@@ -119,7 +119,7 @@ def test_triton_tensorrt_repository(built):
 
     tri = built["manifest"]["triton"]
     assert tri["backend"] == "tensorrt"
-    for kind, name in ((A.ENCODER, "gvsl_encoder"), (A.REGISTRATION, "gvsl_registration")):
+    for kind, name in ((artifact.ENCODER, "gvsl_encoder"), (artifact.REGISTRATION, "gvsl_registration")):
         msg = parse_config((built["base"] / "triton" / name / "config.pbtxt").read_text())
         validate_config(msg, kind, ModelConfig.from_preset("tiny"))
         assert (built["base"] / "triton" / name / "1" / "model.plan").is_file()
@@ -138,22 +138,22 @@ def test_bf16_engine_builds_and_keeps_embeddings(built, tmp_path):
     )
     x = np.random.default_rng(1).random((2, 1, 32, 32, 32), dtype=np.float32)
     emb = run_engine(eng, [x])["embedding"]
-    ref = reference(built["model"], A.ENCODER, [x])[0]
+    ref = reference(built["model"], artifact.ENCODER, [x])[0]
     cos = (emb * ref).sum(1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(ref, axis=1)
     assert cos.min() >= 0.99
 
 
-@pytest.mark.parametrize("kind", [A.ENCODER, A.REGISTRATION])
+@pytest.mark.parametrize("kind", [artifact.ENCODER, artifact.REGISTRATION])
 def test_runtime_loads_the_exported_engines(built, kind):
     """The TensorRT backend runs the `.engine` files export wrote (checked against the manifest)
     and gives the PyTorch model's numbers, like run_engine."""
     from gvsl.runtime.backends import TensorRTBackend, load_backend
 
     rng = np.random.default_rng(3)
-    names = A.ENCODER_INPUTS if kind == A.ENCODER else A.REGISTRATION_INPUTS
+    names = artifact.ENCODER_INPUTS if kind == artifact.ENCODER else artifact.REGISTRATION_INPUTS
     inputs = [rng.random((1, 1, 32, 32, 32), dtype=np.float32) for _ in names]
     ref = reference(built["model"], kind, inputs)
-    outputs = A.ENCODER_OUTPUTS if kind == A.ENCODER else A.REGISTRATION_OUTPUTS
+    outputs = artifact.ENCODER_OUTPUTS if kind == artifact.ENCODER else artifact.REGISTRATION_OUTPUTS
     backend = load_backend(_engines(built)[(kind, "fp32")], kind, "auto", "cuda")
     assert isinstance(backend, TensorRTBackend)
     got = backend.run(dict(zip(names, inputs, strict=True)))
