@@ -304,13 +304,14 @@ class Registrar:
         if self.backend.info.kind != artifact.REGISTRATION:
             raise GvslInputError(f"{self.backend.info.path}: not a registration graph", self.backend.info.path)
         self.refine_options = refine if refine is not None else RefineOptions()
+        # the refinement graphs are ONNX files: a torch model still refines through ONNX Runtime
+        refine_backend = "onnxruntime" if backend in ("auto", "torch") else backend
         self.refiner: Backend | None = None
         if isinstance(refine_model, Backend):
             self.refiner = refine_model
         else:
             path = Path(refine_model) if refine_model is not None else _refine_file(model)
             if path is not None:
-                refine_backend = "onnxruntime" if backend in ("auto", "torch") else backend
                 self.refiner = load_backend(path, artifact.REFINE, refine_backend, device, **backend_options)
             elif self.refine_options.enabled:
                 warnings.warn(
@@ -321,7 +322,6 @@ class Registrar:
         self.affine_refiner: Backend | None = None
         affine_path = _refine_file(model, artifact.REFINE_AFFINE) if not isinstance(refine_model, Backend) else None
         if affine_path is not None:
-            refine_backend = "onnxruntime" if backend in ("auto", "torch") else backend
             self.affine_refiner = load_backend(
                 affine_path, artifact.REFINE_AFFINE, refine_backend, device, **backend_options
             )
