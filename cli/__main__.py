@@ -1,3 +1,3 @@
-from gvsl.cli.main import app
+from gvsl.cli.main import main
 
-app(prog_name="gvsl")
+main()

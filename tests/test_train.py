@@ -253,6 +253,20 @@ def torchrun_command() -> str:
     return str(beside) if beside.is_file() else shutil.which("torchrun") or "torchrun"
 
 
+def test_a_torchrun_worker_leaves_with_its_commands_status(tmp_path):
+    """``python -m gvsl.cli.main`` under WORLD_SIZE > 1 ends through os._exit with the
+    command's own status: 0 for success, 2 for a user error, with its one-line message."""
+    env = {**os.environ, "WORLD_SIZE": "2"}
+    base = [sys.executable, "-m", "gvsl.cli.main"]
+    ok = subprocess.run([*base, "--version"], capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert ok.returncode == 0 and ok.stdout.strip(), ok.stderr
+    bad = subprocess.run(
+        [*base, "info", str(tmp_path / "missing")], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.count("error:") == 1 and "missing" in bad.stderr and "Traceback" not in bad.stderr
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_gloo(mni_dir, tmp_path):
     torchrun = torchrun_command()
