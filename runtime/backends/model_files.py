@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -65,25 +66,18 @@ def info_from_metadata(meta: Mapping[str, str], path: Path, want_kind: str) -> M
             version=meta.get(artifact.META_VERSION, ""),
             extra={"refine": settings},
         )
-    try:
-        model = json.loads(meta[artifact.META_MODEL])
-        widths = [int(w) for w in model["widths"]]
-        if len(widths) != 9:
-            raise ValueError("widths must have 9 entries")
-        pre = PreprocessConfig.from_dict(json.loads(meta.get(artifact.META_PREPROCESS) or "{}"))
-        patch = tuple(int(p) for p in json.loads(meta.get(artifact.META_PATCH) or "null") or DEFAULT_PATCH)
-        if len(patch) != 3 or min(patch) < SIZE_MULTIPLE or any(p % SIZE_MULTIPLE for p in patch):
-            raise ValueError(f"bad patch size {patch}")
-    except (KeyError, TypeError, ValueError) as e:
-        raise GvslInputError(
-            f"{name}: gvsl metadata is damaged ({type(e).__name__}: {e}); export the model again", name
-        ) from None
-    return ModelInfo(
-        kind=kind,
-        path=name,
-        model=model,
-        preprocess=pre,
-        patch_size=patch,  # type: ignore[arg-type]
+    info = _learned_model_info(
+        name,
+        kind,
+        lambda: (
+            json.loads(meta[artifact.META_MODEL]),
+            json.loads(meta.get(artifact.META_PREPROCESS) or "{}"),
+            json.loads(meta.get(artifact.META_PATCH) or "null"),
+        ),
+        "gvsl metadata is damaged ({error}); export the model again",
+    )
+    return replace(
+        info,
         dense=meta.get(artifact.META_DENSE, "true").lower() == "true",
         precision=meta.get(artifact.META_PRECISION, "fp32"),
         warp=meta.get(artifact.META_WARP, ""),
@@ -92,6 +86,29 @@ def info_from_metadata(meta: Mapping[str, str], path: Path, want_kind: str) -> M
         # the JSON text; gvsl.runtime.embed.EmbeddingStats validates it where it is used
         extra={"embedding_stats": meta[artifact.META_EMBEDDING_STATS]} if artifact.META_EMBEDDING_STATS in meta else {},
     )
+
+
+def _learned_model_info(name: str, kind: str, read: Callable[[], tuple[Any, Any, Any]], damaged: str) -> ModelInfo:
+    """The :class:`ModelInfo` of a graph with learned weights, wherever its record is stored
+    (ONNX metadata, or the export manifest beside an engine), validated one way.
+
+    ``read()`` returns the stored model configuration, preprocessing dict and patch size
+    (None: :data:`DEFAULT_PATCH`); whatever it or the checks raise becomes one
+    :class:`GvslInputError` from ``damaged``, a sentence with an ``{error}`` slot that names
+    the store and its fix. The other fields keep their defaults: each store records them
+    in its own way, and its caller sets them once the record is known to be sound.
+    """
+    try:
+        model, preprocess, patch_size = read()
+        if len([int(w) for w in model["widths"]]) != 9:
+            raise ValueError("widths must have 9 entries")
+        pre = PreprocessConfig.from_dict(preprocess)
+        patch = tuple(int(p) for p in patch_size or DEFAULT_PATCH)
+        if len(patch) != 3 or min(patch) < SIZE_MULTIPLE or any(p % SIZE_MULTIPLE for p in patch):
+            raise ValueError(f"bad patch size {patch}")
+    except (KeyError, TypeError, ValueError) as e:
+        raise GvslInputError(f"{name}: " + damaged.format(error=f"{type(e).__name__}: {e}"), name) from None
+    return ModelInfo(kind=kind, path=name, model=model, preprocess=pre, patch_size=patch)  # type: ignore[arg-type]
 
 
 def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -248,26 +265,14 @@ def manifest_engines(folder: Path, kind: str) -> list[dict[str, Any]]:
 
 def info_from_manifest(manifest: Mapping[str, Any], path: Path, kind: str, entry: Mapping[str, Any]) -> ModelInfo:
     """:class:`ModelInfo` of an engine from its export manifest (engines carry no gvsl metadata)."""
-    name = str(path)
-    try:
-        model = dict(manifest["model"])
-        if len([int(w) for w in model["widths"]]) != 9:
-            raise ValueError("widths must have 9 entries")
-        pre = PreprocessConfig.from_dict(manifest.get("preprocess") or {})
-        patch = tuple(int(p) for p in manifest.get("patch_size") or DEFAULT_PATCH)
-        if len(patch) != 3 or min(patch) < SIZE_MULTIPLE or any(p % SIZE_MULTIPLE for p in patch):
-            raise ValueError(f"bad patch size {patch}")
-    except (KeyError, TypeError, ValueError) as e:
-        raise GvslInputError(
-            f"{name}: the export manifest beside this engine is damaged ({type(e).__name__}: {e}); export it again",
-            name,
-        ) from None
-    return ModelInfo(
-        kind=kind,
-        path=name,
-        model=model,
-        preprocess=pre,
-        patch_size=patch,  # type: ignore[arg-type]
+    info = _learned_model_info(
+        str(path),
+        kind,
+        lambda: (dict(manifest["model"]), manifest.get("preprocess") or {}, manifest.get("patch_size")),
+        "the export manifest beside this engine is damaged ({error}); export it again",
+    )
+    return replace(
+        info,
         dense=True,
         precision=str(entry.get("precision", "fp32")),
         warp="gather",
