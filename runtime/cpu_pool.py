@@ -24,6 +24,11 @@ from .errors import GvslInputError
 
 #: Most threads one process uses by default (beyond this the passes are memory-bound).
 MAX_DEFAULT_THREADS = 16
+#: Voxels per work item of the threaded passes: a piece and its temporaries stay in the
+#: CPU caches, and there are few enough pieces that threads rarely wait for the GIL.
+CHUNK_VOXELS = 1 << 18
+#: Below this many voxels threads cost more than they save.
+PARALLEL_MIN_VOXELS = 1 << 20
 
 _lock = threading.Lock()
 _size: int | None = None
@@ -121,4 +126,20 @@ def run_pieces(fn: Callable[[int, int], None], pieces: Sequence[tuple[int, int]]
         raise errors[0]
 
 
-__all__ = ["MAX_DEFAULT_THREADS", "check_threads", "default_threads", "run_pieces", "set_threads", "thread_count"]
+def run_chunks(fn: Callable[[int, int], None], pieces: Sequence[tuple[int, int]], size: int) -> None:
+    """Run ``fn(start, stop)`` for every piece of a pass over ``size`` voxels, on the pool
+    when that many are worth threads (at least :data:`PARALLEL_MIN_VOXELS`), else inline."""
+    run_pieces(fn, pieces, parallel=size >= PARALLEL_MIN_VOXELS)
+
+
+__all__ = [
+    "CHUNK_VOXELS",
+    "MAX_DEFAULT_THREADS",
+    "PARALLEL_MIN_VOXELS",
+    "check_threads",
+    "default_threads",
+    "run_chunks",
+    "run_pieces",
+    "set_threads",
+    "thread_count",
+]

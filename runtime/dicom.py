@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .errors import GvslInputError
-from .preprocess import Volume, _check_voxels, volume_from_array
+from .volume import Volume, check_voxels, volume_from_array
 
 __all__ = ["is_dicom_file", "is_dicom_folder", "load_dicom_series", "sitk_to_ras_affine"]
 
@@ -115,7 +115,7 @@ def load_dicom_series(
         raise GvslInputError(f"{name}: colour/multi-component DICOM is not a CT/MR volume", name)
     if image.GetDimension() != 3:
         raise GvslInputError(f"{name}: series is {image.GetDimension()}-D; GVSL needs a 3-D volume", name)
-    _check_voxels(tuple(int(s) for s in image.GetSize()), max_voxels, name)
+    check_voxels(tuple(int(s) for s in image.GetSize()), max_voxels, name)
     data = sitk.GetArrayViewFromImage(image).transpose(2, 1, 0)  # (z, y, x) -> index order (x, y, z)
     return volume_from_array(np.asarray(data, dtype=np.float32), sitk_to_ras_affine(image), source=name)
 

@@ -3,7 +3,7 @@ input listing, and atomic writers for everything the runtime saves.
 
 A volume is a NIfTI path, a DICOM series folder, an in-memory ``(array,
 affine)`` pair or a :class:`Volume`; all go through the same validation as
-training (``gvsl.runtime.preprocess``), so a bad input is one
+training (``gvsl.runtime.volume``), so a bad input is one
 :class:`GvslInputError` naming it. Every writer goes to a temporary file in
 the destination folder and renames it, so a crash or a concurrent reader
 never sees half a file, and every file gets the user's umask (see ``atomic``).
@@ -25,7 +25,8 @@ import numpy as np
 from .atomic import atomic_write, save_text
 from .dicom import is_dicom_folder, load_dicom_series
 from .errors import GvslInputError
-from .preprocess import Volume, _check_voxels, _has_volume_suffix, load_volume, volume_from_array
+from .nifti import has_volume_suffix, load_volume
+from .volume import Volume, check_voxels, volume_from_array
 
 __all__ = [
     "DEFAULT_MAX_VOXELS",
@@ -73,7 +74,7 @@ def read_volume(
             f"{name or type(x).__name__}: give a file path, a DICOM folder or an (array, affine) pair, not "
             f"{type(x).__name__}"
         )
-    _check_voxels(vol.data.shape, max_voxels, vol.source)
+    check_voxels(vol.data.shape, max_voxels, vol.source)
     return vol
 
 
@@ -124,7 +125,7 @@ def _scan_folder(root: Path) -> list[Path]:
         dirnames.sort()
         d = Path(dirpath)
         for f in sorted(filenames):
-            if _has_volume_suffix(f) and not f.startswith(".") and not f.lower().endswith(".img"):
+            if has_volume_suffix(f) and not f.startswith(".") and not f.lower().endswith(".img"):
                 found.append(d / f)
         for sub in dirnames:
             if is_dicom_folder(d / sub):
@@ -165,8 +166,7 @@ def list_inputs(specs: Iterable[str | os.PathLike[str]]) -> tuple[list[InputItem
             hits = [
                 Path(m)
                 for m in matches
-                if (Path(m).is_file() and _has_volume_suffix(m) and not m.lower().endswith(".img"))
-                or is_dicom_folder(m)
+                if (Path(m).is_file() and has_volume_suffix(m) and not m.lower().endswith(".img")) or is_dicom_folder(m)
             ]
             if not hits:
                 problems.append((s, "pattern matches no NIfTI file or DICOM folder"))

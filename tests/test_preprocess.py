@@ -555,10 +555,13 @@ def test_load_preprocessed_streams_gz_to_the_same_numbers(tmp_path, affine, cfg)
     slabs already inflated: same original and preprocessed volumes as the plain path."""
     import importlib
 
+    from gvsl.runtime import nifti, nifti_stream
+
     P = importlib.import_module("gvsl.runtime.preprocess")
     raw = np.random.default_rng(5).integers(-1024, 2000, size=(128, 120, 90)).astype(np.int16)  # > 1 M voxels
     path = _write(tmp_path / "ct.nii.gz", raw, affine)
-    assert P._stream_preprocess(*P._open(path, str(path), None), path, cfg) is not None  # overlapped path taken
+    opened = nifti.open_nifti(path, str(path), None)
+    assert nifti_stream.stream_preprocess(*opened, path, cfg) is not None  # overlapped path taken
     vol, pre = P.load_preprocessed(path, cfg)
     ref = preprocess(load_volume(path, keep_dtype=True), cfg)
     np.testing.assert_array_equal(vol.data, raw)
@@ -571,13 +574,15 @@ def test_load_preprocessed_streams_gz_to_the_same_numbers(tmp_path, affine, cfg)
 def test_load_preprocessed_falls_back_and_reports_like_load_volume(tmp_path):
     import importlib
 
+    from gvsl.runtime import nifti, nifti_stream
+
     P = importlib.import_module("gvsl.runtime.preprocess")
     cfg = PreprocessConfig()
     floats = _write(tmp_path / "f.nii.gz", np.ones((128, 120, 90), np.float32), np.diag([-0.7, -0.7, 1.0, 1.0]))
     permuted = _write(tmp_path / "p.nii.gz", np.ones((128, 120, 90), np.int16),
                       np.array([[0, 0.7, 0, 0], [0.7, 0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1]]))  # fmt: skip
     for path in (floats, permuted):  # not streamed, same results as the plain path
-        assert P._stream_preprocess(*P._open(path, str(path), None), path, cfg) is None
+        assert nifti_stream.stream_preprocess(*nifti.open_nifti(path, str(path), None), path, cfg) is None
         np.testing.assert_array_equal(P.load_preprocessed(path, cfg)[1].data, preprocess(load_volume(path), cfg).data)
     good = _write(tmp_path / "t.nii.gz", np.ones((128, 120, 90), np.int16), np.diag([-0.7, -0.7, 1.0, 1.0]))
     (tmp_path / "cut.nii.gz").write_bytes(good.read_bytes()[:-4000])
