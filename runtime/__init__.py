@@ -11,7 +11,10 @@ imported lazily: ``import gvsl.runtime`` stays as light as preprocessing.
 from typing import Any
 
 from .errors import GvslInputError
-from .preprocess import PreprocessConfig, Volume, load_volume, preprocess
+from .nifti import load_volume
+from .preprocess import preprocess
+from .preprocess_config import PreprocessConfig
+from .volume import Volume
 
 _LAZY = {
     "Embedder": ".embed",

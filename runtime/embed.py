@@ -53,7 +53,10 @@ from . import artifact, cpu_pool
 from .backends import Backend, ModelInfo, load_backend
 from .errors import GvslInputError
 from .io import DEFAULT_MAX_VOXELS, VolumeLike, read_volume
-from .preprocess import PreprocessConfig, Volume, load_preprocessed, pad_to_multiple, preprocess, unpad, with_modality
+from .padding import pad_to_multiple, unpad
+from .preprocess import load_preprocessed, preprocess
+from .preprocess_config import PreprocessConfig, with_modality
+from .volume import Volume
 from .warp import resample_to_grid
 from .windows import SIZE_MULTIPLE, gaussian_weight, window_slices, window_starts
 

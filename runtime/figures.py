@@ -19,7 +19,7 @@ from nibabel.orientations import apply_orientation, io_orientation
 
 from .errors import GvslInputError
 from .io import atomic_write
-from .preprocess import voxel_sizes
+from .volume import voxel_sizes
 
 __all__ = ["checkerboard", "display_scaled", "save_registration_png"]
 

@@ -29,7 +29,9 @@ import numpy as np
 from .backends import Backend
 from .errors import GvslInputError
 from .geometry import dvf_mm_to_voxel, dvf_voxel_to_mm, voxel_spacing
-from .preprocess import PreprocessConfig, Volume, preprocess
+from .preprocess import preprocess
+from .preprocess_config import PreprocessConfig
+from .volume import Volume
 from .warp import resample_to_grid
 
 __all__ = [

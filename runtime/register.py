@@ -56,10 +56,15 @@ from . import artifact, cpu_pool
 from .backends import Backend, ModelInfo, load_backend, resolve_model_file
 from .errors import GvslInputError
 from .geometry import dvf_voxel_to_mm, model_affine_convention, network_affine_to_voxel
+from .intensity import normalize_intensity
 from .io import DEFAULT_MAX_VOXELS, VolumeLike, load_labels, read_volume, save_displacement_field
 from .metrics import folding_stats, jacobian_determinant, label_dice, ncc
-from .preprocess import Volume, normalize_intensity, pad_to_multiple, preprocess, save_nifti, with_modality
+from .nifti import save_nifti
+from .padding import pad_to_multiple
+from .preprocess import preprocess
+from .preprocess_config import with_modality
 from .refine import RefineOptions, refine_initial_affine, refine_world_field
+from .volume import Volume
 from .warp import grid_world_coordinates, resample_to_grid, warp_by_displacement
 from .windows import SIZE_MULTIPLE
 

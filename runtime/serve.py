@@ -148,7 +148,7 @@ class ServeOptions:
             raise ServeError(f"--queue-delay-us {self.queue_delay_us}: must be >= 0")
         if self.init not in INITS:
             raise ServeError(f"--init {self.init}: use one of {', '.join(INITS)}")
-        from .preprocess import MODALITIES
+        from .preprocess_config import MODALITIES
 
         if self.modality is not None and self.modality not in MODALITIES:
             raise ServeError(f"--modality {self.modality}: use one of {', '.join(MODALITIES)} or model")

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import artifact
 from ..errors import GvslInputError
-from ..preprocess import PreprocessConfig
+from ..preprocess_config import PreprocessConfig
 from ..windows import SIZE_MULTIPLE
 
 #: Sliding-window size assumed for an official ``.pth`` (it records no training patch).

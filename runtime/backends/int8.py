@@ -19,7 +19,8 @@ import numpy as np
 from .. import artifact
 from ..errors import GvslInputError
 from ..io import atomic_write, read_volume
-from ..preprocess import pad_to_multiple, preprocess
+from ..padding import pad_to_multiple
+from ..preprocess import preprocess
 from ..windows import SIZE_MULTIPLE, window_slices
 from .base import ModelInfo, cache_folder, file_sha256
 from .model_files import info_from_metadata, read_onnx_metadata, resolve_model_file

@@ -20,7 +20,7 @@ from typing import Any
 
 from .. import artifact
 from ..errors import GvslInputError
-from ..preprocess import PreprocessConfig
+from ..preprocess_config import PreprocessConfig
 from ..windows import SIZE_MULTIPLE
 from .base import DEFAULT_PATCH, GRAPH_IO, ModelInfo
 
