@@ -351,6 +351,7 @@ def test_registrar_affine_stage_undoes_a_world_offset(mni_pair):
             fixed, moving, refine=RefineOptions(iterations=5, levels=(4.0,), affine_iterations=40), **kwargs
         )
     assert staged.affine_refinement["kept"] is True
+    assert staged.affine_refinement["grid_mm"] == [8.0, 8.0, 8.0]  # RefineOptions.affine_spacing, not the 4 mm level
     assert staged.dice["ml"]["mean"] > plain.dice["ml"]["mean"] + 0.05
     assert staged.dice["ml"]["mean"] > 0.8
     # the refined initial map is close to the true offset (mm)
