@@ -130,6 +130,71 @@ def _finish(model: Any, kind: str, settings: RefineSettings, doc: str) -> Any:
     return model
 
 
+def _image_input(name: str) -> Any:
+    """``name`` ``[1, 1, depth, height, width]`` float: the fixed and moving inputs of both graphs."""
+    from onnx import TensorProto, helper
+
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 1, "depth", "height", "width"])
+
+
+def _loop_model(
+    *,
+    prefix: str,
+    body: Any,
+    carried: list[str],
+    loop_inputs: list[str],
+    loop_outputs: list[str],
+    cc: Any,
+    cc_input: str,
+    inputs: list[Any],
+    result: tuple[str, list[Any]],
+    initializers: list[Any],
+    kind: str,
+    settings: RefineSettings,
+    doc: str,
+) -> Any:
+    """Join a traced step and a traced similarity into one refine graph, the layout both share:
+    ``Loop`` over the step (``iterations`` times; ``carried`` body inputs fed from ``loop_inputs``,
+    the first loop output being the refined value), then the similarity of the refined value,
+    read by ``cc`` under the name ``cc_input``. Outputs: ``result`` (name, shape) and
+    ``similarity`` ``[1]``; fixed, moving and the run-time scalars come from the outer scope."""
+    import onnx
+    import onnx.compose
+    from onnx import TensorProto, helper
+
+    # both traces name their intermediates alike; prefixes keep the joined graph in SSA form
+    body = onnx.compose.add_prefix(body, "step/", rename_inputs=False, rename_outputs=False)
+    cc = onnx.compose.add_prefix(cc, "similarity/", rename_inputs=False, rename_outputs=False)
+    body_graph = _as_loop_body(body, carried, f"{prefix}_step")
+    refined = loop_outputs[0]
+    loop = helper.make_node(
+        "Loop", ["iterations", "", *loop_inputs], loop_outputs, name=f"{prefix}/loop", body=body_graph
+    )
+    cc_graph = cc.graph
+    for node in cc_graph.node:
+        node.input[:] = [refined if i == cc_input else i for i in node.input]
+    result_name, result_shape = result
+    nodes = [
+        loop,
+        *cc_graph.node,
+        helper.make_node("Identity", [refined], [result_name], name=f"{prefix}/out"),
+        helper.make_node("Identity", [cc_graph.output[0].name], ["similarity"], name=f"{prefix}/similarity"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        f"gvsl_{kind}",
+        inputs,
+        [
+            helper.make_tensor_value_info(result_name, TensorProto.FLOAT, result_shape),
+            helper.make_tensor_value_info("similarity", TensorProto.FLOAT, [1]),
+        ],
+        initializer=[*initializers, *cc_graph.initializer],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="gvsl")
+    model.ir_version = min(body.ir_version, 8)
+    return _finish(model, kind, settings, doc)
+
+
 class AffineSimilarity(nn.Module):
     """Mean local CC of ``fixed`` and ``moving`` read through a centred voxel affine."""
 
@@ -150,8 +215,6 @@ def build_affine_model(settings: RefineSettings | None = None) -> Any:
     affine, :func:`gvsl.refine.affine_locations`), ``iterations`` (int64 scalar), ``step``
     (float ``[1]``, voxels); outputs ``matrix_refined`` and ``similarity``.
     """
-    import onnx
-    import onnx.compose
     from onnx import TensorProto, helper
 
     settings = settings or RefineSettings()
@@ -165,42 +228,31 @@ def build_affine_model(settings: RefineSettings | None = None) -> Any:
         ["matrix_out"],
     )
     cc = _trace(AffineSimilarity(settings.radius).eval(), (fixed, moving, matrix), ["fixed", "moving", "m"], ["sim"])
-    body = onnx.compose.add_prefix(body, "step/", rename_inputs=False, rename_outputs=False)
-    cc = onnx.compose.add_prefix(cc, "similarity/", rename_inputs=False, rename_outputs=False)
-    body_graph = _as_loop_body(body, ["matrix_in"], "affine_step")
-    inputs = [
-        helper.make_tensor_value_info("fixed", TensorProto.FLOAT, [1, 1, "depth", "height", "width"]),
-        helper.make_tensor_value_info("moving", TensorProto.FLOAT, [1, 1, "depth", "height", "width"]),
-        helper.make_tensor_value_info("matrix", TensorProto.FLOAT, [1, 3, 4]),
-        helper.make_tensor_value_info("iterations", TensorProto.INT64, []),
-        helper.make_tensor_value_info("step", TensorProto.FLOAT, [1]),
-    ]
-    loop = helper.make_node("Loop", ["iterations", "", "matrix"], ["refined"], name="affine/loop", body=body_graph)
-    cc_graph = cc.graph
-    for node in cc_graph.node:
-        node.input[:] = ["refined" if i == "m" else i for i in node.input]
-    nodes = [loop, *cc_graph.node]
-    nodes.append(helper.make_node("Identity", ["refined"], ["matrix_refined"], name="affine/out"))
-    nodes.append(helper.make_node("Identity", [cc_graph.output[0].name], ["similarity"], name="affine/similarity"))
-    graph = helper.make_graph(
-        nodes,
-        "gvsl_refine_affine",
-        inputs,
-        [
-            helper.make_tensor_value_info("matrix_refined", TensorProto.FLOAT, [1, 3, 4]),
-            helper.make_tensor_value_info("similarity", TensorProto.FLOAT, [1]),
+    return _loop_model(
+        prefix="affine",
+        body=body,
+        carried=["matrix_in"],
+        loop_inputs=["matrix"],
+        loop_outputs=["refined"],
+        cc=cc,
+        cc_input="m",
+        inputs=[
+            _image_input("fixed"),
+            _image_input("moving"),
+            helper.make_tensor_value_info("matrix", TensorProto.FLOAT, [1, 3, 4]),
+            helper.make_tensor_value_info("iterations", TensorProto.INT64, []),
+            helper.make_tensor_value_info("step", TensorProto.FLOAT, [1]),
         ],
-        initializer=list(cc_graph.initializer),
+        result=("matrix_refined", [1, 3, 4]),
+        initializers=[],
+        kind=artifact.REFINE_AFFINE,
+        settings=settings,
+        doc="GVSL affine refinement graph: local-CC ascent",
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="gvsl")
-    model.ir_version = min(body.ir_version, 8)
-    return _finish(model, artifact.REFINE_AFFINE, settings, "GVSL affine refinement graph: local-CC ascent")
 
 
 def build_refine_model(settings: RefineSettings | None = None) -> Any:
     """The refine graph as an ONNX ModelProto (``Loop`` over the traced step, then the CC)."""
-    import onnx
-    import onnx.compose
     from onnx import TensorProto, helper
 
     settings = settings or RefineSettings()
@@ -216,51 +268,28 @@ def build_refine_model(settings: RefineSettings | None = None) -> Any:
         ["dvf_out", "reference_out"],
     )
     cc = _trace(RefineSimilarity(settings.radius).eval(), (fixed, moving, dvf), ["fixed", "moving", "dvf"], ["sim"])
-    # both traces name their intermediates alike; prefixes keep the joined graph in SSA form
-    body = onnx.compose.add_prefix(body, "step/", rename_inputs=False, rename_outputs=False)
-    cc = onnx.compose.add_prefix(cc, "similarity/", rename_inputs=False, rename_outputs=False)
-
-    # fixed/moving/step/regularisation come from the outer scope by name
-    body_graph = _as_loop_body(body, ["dvf_in", "reference_in"], "refine_step")
-
-    inputs = [
-        helper.make_tensor_value_info("fixed", TensorProto.FLOAT, [1, 1, "depth", "height", "width"]),
-        helper.make_tensor_value_info("moving", TensorProto.FLOAT, [1, 1, "depth", "height", "width"]),
-        helper.make_tensor_value_info("dvf", TensorProto.FLOAT, [1, 3, "depth", "height", "width"]),
-        helper.make_tensor_value_info("iterations", TensorProto.INT64, []),
-        helper.make_tensor_value_info("step", TensorProto.FLOAT, [1]),
-        helper.make_tensor_value_info("regularisation", TensorProto.FLOAT, [1]),
-    ]
-    loop = helper.make_node(
-        "Loop",
-        ["iterations", "", "dvf", "reference_init"],
-        ["refined", "reference"],
-        name="refine/loop",
-        body=body_graph,
-    )
-    reference_init = helper.make_tensor("reference_init", TensorProto.FLOAT, [1], [1.0])
-    # the CC graph reads the refined field under the name "dvf" of its own trace: rename its input
-    cc_graph = cc.graph
-    for node in cc_graph.node:
-        node.input[:] = ["refined" if i == "dvf" else i for i in node.input]
-    nodes = [loop, *cc_graph.node]
-    nodes.append(helper.make_node("Identity", ["refined"], ["dvf_refined"], name="refine/out"))
-    sim_out = cc_graph.output[0].name
-    nodes.append(helper.make_node("Identity", [sim_out], ["similarity"], name="refine/similarity"))
-    graph = helper.make_graph(
-        nodes,
-        "gvsl_refine",
-        inputs,
-        [
-            helper.make_tensor_value_info("dvf_refined", TensorProto.FLOAT, [1, 3, "depth", "height", "width"]),
-            helper.make_tensor_value_info("similarity", TensorProto.FLOAT, [1]),
+    field = [1, 3, "depth", "height", "width"]
+    return _loop_model(
+        prefix="refine",
+        body=body,
+        carried=["dvf_in", "reference_in"],
+        loop_inputs=["dvf", "reference_init"],
+        loop_outputs=["refined", "reference"],
+        cc=cc,
+        cc_input="dvf",  # the CC trace reads the refined field under its own input name
+        inputs=[
+            _image_input("fixed"),
+            _image_input("moving"),
+            helper.make_tensor_value_info("dvf", TensorProto.FLOAT, field),
+            helper.make_tensor_value_info("iterations", TensorProto.INT64, []),
+            helper.make_tensor_value_info("step", TensorProto.FLOAT, [1]),
+            helper.make_tensor_value_info("regularisation", TensorProto.FLOAT, [1]),
         ],
-        initializer=[reference_init, *cc_graph.initializer],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="gvsl")
-    model.ir_version = min(body.ir_version, 8)
-    return _finish(
-        model, artifact.REFINE, settings, "GVSL refinement graph: greedy diffeomorphic local-CC ascent (gvsl.refine)"
+        result=("dvf_refined", field),
+        initializers=[helper.make_tensor("reference_init", TensorProto.FLOAT, [1], [1.0])],
+        kind=artifact.REFINE,
+        settings=settings,
+        doc="GVSL refinement graph: greedy diffeomorphic local-CC ascent (gvsl.refine)",
     )
 
 
