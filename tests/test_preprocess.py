@@ -501,11 +501,11 @@ def test_runtime_works_without_torch():
 
         sys.meta_path.insert(0, NoTorch())
         import numpy as np
-        import gvsl.runtime as rt
+        import gvsl.runtime as runtime
         from gvsl.runtime.preprocess import pad_to_multiple, volume_from_array
 
         vol = volume_from_array(np.random.default_rng(0).random((20, 20, 10)), np.eye(4))
-        out = rt.preprocess(vol, rt.PreprocessConfig(spacing=(2.0, 2.0, 2.0), modality="mr"))
+        out = runtime.preprocess(vol, runtime.PreprocessConfig(spacing=(2.0, 2.0, 2.0), modality="mr"))
         padded, _ = pad_to_multiple(out.data)
         assert out.data.shape == (10, 10, 5), out.data.shape
         assert padded.shape == (16, 16, 16)
