@@ -21,7 +21,7 @@ from gvsl.export import onnx_export
 from gvsl.export.errors import ExportError
 from gvsl.export.manifest import file_entry, new_manifest, write_manifest
 from gvsl.export.source import Source, load_source
-from gvsl.export.trt_check import check_tensorrt
+from gvsl.export.trt_check import TrtIssue, check_tensorrt
 from gvsl.export.verify import DEFAULT_VERIFY_SHAPES, ParityResult, compare, raise_on_failure, reference, verify_onnx
 from gvsl.runtime import artifact
 from gvsl.runtime.atomic import published_mode
@@ -136,6 +136,42 @@ def _load_volumes(paths: Sequence[str], source: Source) -> list[tuple[str, Any]]
     return [(Path(p).name, preprocess(load_volume(p), source.preprocess).data) for p in paths]
 
 
+@dataclass
+class _Plan:
+    """What one export builds, decided from the options before any slow work."""
+
+    want_onnx: bool
+    want_engine: bool
+    onnx_precisions: list[str]  # the ONNX graphs shipped
+    engine_precisions: list[str]
+    build_precisions: list[str]  # the ONNX graphs built: those shipped and those engines are built from
+    triton_backend: str | None  # None without --triton-repo
+    trt_info: dict[str, Any]  # TensorRT version and GPU target; empty without engines
+
+    def steps_total(self) -> int:
+        """The progress steps: each graph and engine, the refinement graphs, the Triton repository, the manifest."""
+        graphs = len(KINDS) * (len(self.build_precisions) + len(self.engine_precisions))
+        return graphs + 1 + (self.triton_backend is not None) + self.want_onnx
+
+
+class _Steps:
+    """Reports each labelled step to ``progress`` as (label, steps done, steps total)."""
+
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.progress = progress
+        self.total = total
+        self.done = 0
+
+    def __call__(self, label: str) -> None:
+        if self.progress:
+            self.progress(label, self.done, self.total)
+        self.done += 1
+
+    def finish(self) -> None:
+        if self.progress:
+            self.progress("done", self.total, self.total)
+
+
 def run_export(
     source_path: str | Path,
     out: str | Path,
@@ -148,150 +184,34 @@ def run_export(
     opt = opt or ExportOptions()
     out = Path(out)
     say = log or (lambda s: None)
-    derived = _check_options(opt, out)
-    want_onnx, want_engine = derived["want_onnx"], derived["want_engine"]
-
-    trt_info: dict[str, Any] = {}
-    profiles: list[Any] = []
-    if want_engine:  # fail fast, before minutes of export work
-        from gvsl.export import tensorrt_build
-
-        trt = tensorrt_build.require_tensorrt()
-        trt_info = {"tensorrt_version": str(trt.__version__), **tensorrt_build.gpu_target()}
-
+    plan = _plan(opt, _check_options(opt, out))
     source = load_source(source_path, opt.widths, opt.official_affine)
-    if want_engine:
-        profiles = tensorrt_build.make_profiles(opt.min_shapes, opt.opt_shapes, opt.max_shapes, source.patch_size)
-    if source.patch_size_from == "default":
-        say(f"note: {source.path} records no training patch size; metadata says {list(source.patch_size)} (default)")
-    if source.config.affine_head == "identity":
-        say(f"note: {AFFINE_IDENTITY_NOTE}")
+    profiles = _engine_profiles(opt, plan, source)
+    _note_source(source, say)
     volumes = _load_volumes(opt.verify_data, source) if opt.verify_data and opt.verify else []
-
-    onnx_precisions = [p for p in opt.precisions if p in onnx_export.ONNX_PRECISIONS] if want_onnx else []
-    engine_precisions = list(opt.precisions) if want_engine else []
-    build_precisions = sorted(
-        set(onnx_precisions) | {("fp16" if p == "fp16" else "fp32") for p in engine_precisions},
-        key=onnx_export.ALL_PRECISIONS.index,
-    )
-    total = len(KINDS) * (len(build_precisions) + len(engine_precisions)) + 1 + bool(opt.triton_repo) + want_onnx
-    done = 0
-
-    def step(label: str) -> None:
-        nonlocal done
-        if progress:
-            progress(label, done, total)
-        done += 1
+    steps = _Steps(progress, plan.steps_total())
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     triton_tmp: Path | None = None
     try:
-        build_dir = tmp if want_onnx else tmp / ".onnx-build"
+        build_dir = tmp if plan.want_onnx else tmp / ".onnx-build"
         build_dir.mkdir(exist_ok=True)
         manifest = new_manifest(source, opt.manifest_view())
-        onnx_files: dict[tuple[str, str], Path] = {}
-        for prec in build_precisions:
-            for kind in KINDS:
-                step(f"export {onnx_name(kind, prec)}")
-                path = build_dir / onnx_name(kind, prec)
-                meta = onnx_export.build_metadata(source, kind, prec, warp=opt.warp, dense=opt.dense)
-                onnx_export.export_graph(
-                    source.model,
-                    kind,
-                    path,
-                    metadata=meta,
-                    precision=prec,
-                    opset=opt.opset,
-                    warp=opt.warp,
-                    dense=opt.dense,
-                    example_shape=(1, 1, 16, 16, 16),
-                    simplify=opt.simplify,
-                )
-                parity: list[ParityResult] = []
-                if opt.verify:
-                    parity = verify_onnx(
-                        path, source.model, kind, prec, dense=opt.dense, shapes=opt.verify_shapes, volumes=volumes
-                    )
-                    raise_on_failure(parity)
-                issues = check_tensorrt(path)
-                if want_engine and issues:
-                    raise ExportError(f"{path.name}: TensorRT's ONNX parser would reject it: {issues[0]}")
-                onnx_files[(kind, prec)] = path
-                if want_onnx and prec in onnx_precisions:
-                    manifest["artifacts"].append(
-                        file_entry(
-                            path,
-                            kind=kind,
-                            format="onnx",
-                            precision=prec,
-                            opset=opt.opset,
-                            **({"warp": opt.warp} if kind == artifact.REGISTRATION else {"dense": opt.dense}),
-                            **onnx_export.graph_io(path),
-                            tensorrt_compatible=not issues,
-                            parity=[r.to_dict() for r in parity],
-                        )
-                    )
-        if want_onnx:
-            step("export refine.onnx, refine_affine.onnx")
+        onnx_files = _export_graphs(build_dir, source, opt, plan, volumes, manifest, steps)
+        if plan.want_onnx:
+            steps("export refine.onnx, refine_affine.onnx")
             manifest["artifacts"] += _export_refine(tmp, opt.verify)
-        engine_files: dict[str, Path] = {}
-        for prec in engine_precisions:
-            for kind in KINDS:
-                name = tensorrt_build.engine_name(kind, prec, trt_info["sm"], trt_info["tensorrt_version"])
-                step(f"build {name}")
-                src_onnx = onnx_files[(kind, "fp16" if prec == "fp16" else "fp32")]
-                cache = opt.timing_cache or tensorrt_build.default_timing_cache(
-                    trt_info["sm"], trt_info["tensorrt_version"]
-                )
-                info = tensorrt_build.build_engine(
-                    src_onnx,
-                    tmp / name,
-                    precision=prec,
-                    profiles=profiles,
-                    workspace_gib=opt.workspace_gib,
-                    timing_cache=cache,
-                    log=say,
-                )
-                parity = _verify_engine(tmp / name, source, kind, prec, opt, profiles) if opt.verify else []
-                raise_on_failure(parity)
-                engine_files[kind] = engine_files.get(kind, tmp / name)
-                manifest["artifacts"].append(
-                    file_entry(
-                        tmp / name,
-                        kind=kind,
-                        format="engine",
-                        precision=prec,
-                        gpu=trt_info["gpu"],
-                        compute_capability=trt_info["compute_capability"],
-                        built_from=src_onnx.name,
-                        built_from_sha256=file_entry(src_onnx)["sha256"],
-                        **info,
-                        parity=[r.to_dict() for r in parity],
-                    )
-                )
-        if not want_onnx:
-            shutil.rmtree(build_dir)
+        engine_files = _build_engines(tmp, source, opt, plan, profiles, onnx_files, manifest, steps, say)
+        if not plan.want_onnx:
+            shutil.rmtree(build_dir)  # the engines are built; their ONNX sources are not shipped
         if opt.triton_repo:
-            step("write Triton repository")
-            from gvsl.export.triton import write_repo
-
+            steps("write Triton repository")
             repo = Path(opt.triton_repo)
             repo.parent.mkdir(parents=True, exist_ok=True)
             triton_tmp = Path(tempfile.mkdtemp(dir=repo.parent, prefix=f".{repo.name}.tmp-"))
-            backend = derived["triton_backend"]
-            if backend == "tensorrt":
-                models = engine_files
-            else:
-                first = onnx_precisions[0]
-                models = {k: onnx_files[(k, first)] for k in KINDS}
-            write_repo(triton_tmp, models, backend, source.config, dense=opt.dense, max_batch_size=opt.triton_max_batch)
-            manifest["triton"] = {
-                "repository": str(repo),
-                "backend": backend,
-                "models": {k: p.name for k, p in models.items()},
-            }
-        step("write manifest")
+            manifest["triton"] = _write_triton(triton_tmp, repo, source, opt, plan, onnx_files, engine_files)
+        steps("write manifest")
         manifest = json.loads(json.dumps(manifest))  # what readers of manifest.json will see
         write_manifest(tmp, manifest)
         _commit(tmp, out)
@@ -299,13 +219,202 @@ def run_export(
         if triton_tmp is not None:
             _commit(triton_tmp, Path(opt.triton_repo))  # type: ignore[arg-type]
             triton_tmp = None
-        if progress:
-            progress("done", total, total)
+        steps.finish()
         return manifest
     finally:
         for t in (tmp, triton_tmp):
             if t is not None and Path(t).exists():
                 shutil.rmtree(t, ignore_errors=True)
+
+
+def _plan(opt: ExportOptions, derived: dict[str, Any]) -> _Plan:
+    """The precisions to build and ship; with engines, TensorRT is looked up first so a missing one fails fast."""
+    want_onnx, want_engine = derived["want_onnx"], derived["want_engine"]
+    trt_info: dict[str, Any] = {}
+    if want_engine:
+        from gvsl.export import tensorrt_build
+
+        trt = tensorrt_build.require_tensorrt()
+        trt_info = {"tensorrt_version": str(trt.__version__), **tensorrt_build.gpu_target()}
+    onnx_precisions = [p for p in opt.precisions if p in onnx_export.ONNX_PRECISIONS] if want_onnx else []
+    engine_precisions = list(opt.precisions) if want_engine else []
+    build_precisions = sorted(
+        set(onnx_precisions) | {("fp16" if p == "fp16" else "fp32") for p in engine_precisions},
+        key=onnx_export.ALL_PRECISIONS.index,
+    )
+    return _Plan(
+        want_onnx,
+        want_engine,
+        onnx_precisions,
+        engine_precisions,
+        build_precisions,
+        derived.get("triton_backend"),
+        trt_info,
+    )
+
+
+def _engine_profiles(opt: ExportOptions, plan: _Plan, source: Source) -> list[Any]:
+    """The engines' optimisation profiles (the training patch when none is given); none without engines."""
+    if not plan.want_engine:
+        return []
+    from gvsl.export import tensorrt_build
+
+    return tensorrt_build.make_profiles(opt.min_shapes, opt.opt_shapes, opt.max_shapes, source.patch_size)
+
+
+def _note_source(source: Source, say: Log) -> None:
+    """Tell the user what the source leaves to defaults: its patch size, the identity affine."""
+    if source.patch_size_from == "default":
+        say(f"note: {source.path} records no training patch size; metadata says {list(source.patch_size)} (default)")
+    if source.config.affine_head == "identity":
+        say(f"note: {AFFINE_IDENTITY_NOTE}")
+
+
+def _export_graphs(
+    build_dir: Path,
+    source: Source,
+    opt: ExportOptions,
+    plan: _Plan,
+    volumes: list[tuple[str, Any]],
+    manifest: dict[str, Any],
+    steps: _Steps,
+) -> dict[tuple[str, str], Path]:
+    """Export, verify and check each network graph at each build precision; the shipped ones join the manifest.
+
+    Returns every graph written, by (kind, precision), for the engines to build from.
+    """
+    onnx_files: dict[tuple[str, str], Path] = {}
+    for prec in plan.build_precisions:
+        for kind in KINDS:
+            steps(f"export {onnx_name(kind, prec)}")
+            path = build_dir / onnx_name(kind, prec)
+            parity, issues = _export_graph(path, source, kind, prec, opt, volumes)
+            if plan.want_engine and issues:
+                raise ExportError(f"{path.name}: TensorRT's ONNX parser would reject it: {issues[0]}")
+            onnx_files[(kind, prec)] = path
+            if plan.want_onnx and prec in plan.onnx_precisions:
+                manifest["artifacts"].append(
+                    file_entry(
+                        path,
+                        kind=kind,
+                        format="onnx",
+                        precision=prec,
+                        opset=opt.opset,
+                        **({"warp": opt.warp} if kind == artifact.REGISTRATION else {"dense": opt.dense}),
+                        **onnx_export.graph_io(path),
+                        tensorrt_compatible=not issues,
+                        parity=[r.to_dict() for r in parity],
+                    )
+                )
+    return onnx_files
+
+
+def _export_graph(
+    path: Path, source: Source, kind: str, prec: str, opt: ExportOptions, volumes: list[tuple[str, Any]]
+) -> tuple[list[ParityResult], list[TrtIssue]]:
+    """Write one graph to ``path``; returns its parity with PyTorch (empty without --verify) and TensorRT's issues.
+
+    Raises ExportError when the parity check fails.
+    """
+    meta = onnx_export.build_metadata(source, kind, prec, warp=opt.warp, dense=opt.dense)
+    onnx_export.export_graph(
+        source.model,
+        kind,
+        path,
+        metadata=meta,
+        precision=prec,
+        opset=opt.opset,
+        warp=opt.warp,
+        dense=opt.dense,
+        example_shape=(1, 1, 16, 16, 16),
+        simplify=opt.simplify,
+    )
+    parity: list[ParityResult] = []
+    if opt.verify:
+        parity = verify_onnx(path, source.model, kind, prec, dense=opt.dense, shapes=opt.verify_shapes, volumes=volumes)
+        raise_on_failure(parity)
+    return parity, check_tensorrt(path)
+
+
+def _build_engines(
+    tmp: Path,
+    source: Source,
+    opt: ExportOptions,
+    plan: _Plan,
+    profiles: list[Any],
+    onnx_files: dict[tuple[str, str], Path],
+    manifest: dict[str, Any],
+    steps: _Steps,
+    say: Log,
+) -> dict[str, Path]:
+    """Build, verify and list each engine in the manifest; returns the first engine of each kind."""
+    if not plan.engine_precisions:
+        return {}
+    from gvsl.export import tensorrt_build
+
+    trt_info = plan.trt_info
+    engine_files: dict[str, Path] = {}
+    for prec in plan.engine_precisions:
+        for kind in KINDS:
+            name = tensorrt_build.engine_name(kind, prec, trt_info["sm"], trt_info["tensorrt_version"])
+            steps(f"build {name}")
+            src_onnx = onnx_files[(kind, "fp16" if prec == "fp16" else "fp32")]
+            cache = opt.timing_cache or tensorrt_build.default_timing_cache(
+                trt_info["sm"], trt_info["tensorrt_version"]
+            )
+            info = tensorrt_build.build_engine(
+                src_onnx,
+                tmp / name,
+                precision=prec,
+                profiles=profiles,
+                workspace_gib=opt.workspace_gib,
+                timing_cache=cache,
+                log=say,
+            )
+            parity = _verify_engine(tmp / name, source, kind, prec, opt, profiles) if opt.verify else []
+            raise_on_failure(parity)
+            engine_files.setdefault(kind, tmp / name)
+            manifest["artifacts"].append(
+                file_entry(
+                    tmp / name,
+                    kind=kind,
+                    format="engine",
+                    precision=prec,
+                    gpu=trt_info["gpu"],
+                    compute_capability=trt_info["compute_capability"],
+                    built_from=src_onnx.name,
+                    built_from_sha256=file_entry(src_onnx)["sha256"],
+                    **info,
+                    parity=[r.to_dict() for r in parity],
+                )
+            )
+    return engine_files
+
+
+def _write_triton(
+    folder: Path,
+    repo: Path,
+    source: Source,
+    opt: ExportOptions,
+    plan: _Plan,
+    onnx_files: dict[tuple[str, str], Path],
+    engine_files: dict[str, Path],
+) -> dict[str, Any]:
+    """Write the Triton repository for ``repo`` into ``folder``; returns its manifest entry.
+
+    The TensorRT backend serves the first engine of each kind, ONNX Runtime the
+    graphs of the first ONNX precision.
+    """
+    from gvsl.export.triton import write_repo
+
+    backend = plan.triton_backend
+    if backend == "tensorrt":
+        models = engine_files
+    else:
+        first = plan.onnx_precisions[0]
+        models = {k: onnx_files[(k, first)] for k in KINDS}
+    write_repo(folder, models, backend, source.config, dense=opt.dense, max_batch_size=opt.triton_max_batch)
+    return {"repository": str(repo), "backend": backend, "models": {k: p.name for k, p in models.items()}}
 
 
 def _export_refine(folder: Path, verify: bool) -> list[dict[str, Any]]:

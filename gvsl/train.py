@@ -303,6 +303,18 @@ def _warm_start(model: GVSL, path: str, device: torch.device) -> None:
     model.load_state_dict({k: v.to(device) for k, v in theirs.items()})
 
 
+@dataclass
+class _Session:
+    """The state a run advances and a checkpoint saves: weights, optimiser, data stream, RNG, step."""
+
+    model: GVSL
+    optim: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    dataset: Any  # PairDataset, SynthPairSource, or None when there is neither
+    aug_gen: torch.Generator
+    step: int = 0
+
+
 def _train(
     cfg: TrainConfig,
     state: dict[str, Any] | None,
@@ -313,10 +325,38 @@ def _train(
     scan_progress: Callable[[int, int, str], None] | None,
     log: Callable[[str], None],
 ) -> TrainResult:
+    """The run on this rank: data, session, optional restore, the loop, the last checkpoint and the model."""
     pre = PreprocessConfig.from_dict(cfg.preprocess)
+    cache, good, bad = _scan_data(cfg, pre, ddp, out, scan_progress, log)
+    amp_dtype = _amp_dtype(device, cfg.amp)
+    session = _new_session(cfg, pre, cache, good, device, ddp, amp_dtype)
+    if state is None:
+        _apply_init_weights(session, cfg, device, ddp, log)
+    else:
+        _restore(session, state, ddp, out, log)
+    train_step, rank_losses = _train_step(session, cfg, device, ddp, amp_dtype)
+    last, interrupted = _loop(session, cfg, device, ddp, out, train_step, rank_losses, progress)
+    _save_checkpoint(session, cfg, ddp, out)
+    model_dir = None
+    if ddp.main and not interrupted:
+        model_dir = _save_final_model(session, cfg, pre, good, last, out)
+    return TrainResult(session.step, interrupted, model_dir, last, [(str(p), w) for p, w in bad])
+
+
+def _scan_data(
+    cfg: TrainConfig,
+    pre: PreprocessConfig,
+    ddp: _Distributed,
+    out: Path,
+    scan_progress: Callable[[int, int, str], None] | None,
+    log: Callable[[str], None],
+) -> tuple[VolumeCache, list[Path], list[tuple[Path, str]]]:
+    """List, check and cache the input volumes; rank 0 also writes ``config.json`` and names the skipped ones.
+
+    Rank 0 fills the cache first, so the other ranks only read it.
+    """
     files = list_volumes(cfg.data) if cfg.data else []
     cache = VolumeCache(Path(cfg.cache_dir) if cfg.cache_dir else out / "cache")
-    # rank 0 fills the cache first so other ranks only read it
     if ddp.main:
         good, bad = scan_volumes(files, pre, cache, skip_bad=cfg.skip_bad, progress=scan_progress)
     ddp.barrier()
@@ -331,13 +371,24 @@ def _train(
         save_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
         for path, why in bad:
             log(f"skipped {path}: {why}")
+    return cache, good, bad
 
+
+def _new_session(
+    cfg: TrainConfig,
+    pre: PreprocessConfig,
+    cache: VolumeCache,
+    good: list[Path],
+    device: torch.device,
+    ddp: _Distributed,
+    amp_dtype: torch.dtype | None,
+) -> _Session:
+    """A fresh, seeded model, optimiser, loss scaler, data stream and augmentation generator at step 0."""
     torch.manual_seed(cfg.seed)
     model = GVSL(cfg.model_config()).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     optim = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    amp_dtype = _amp_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     dataset = (
         PairDataset.from_cache(good, pre, cache, cfg.patch_size, seed=cfg.seed, rank=ddp.rank, world_size=ddp.world)
@@ -352,37 +403,58 @@ def _train(
         )
     aug_gen = torch.Generator(device=device)
     aug_gen.manual_seed(cfg.seed * 1000 + ddp.rank)
-    step = 0
-    if state is None and cfg.init_weights:
-        _warm_start(model, cfg.init_weights, device)
-        if ddp.main:
-            log(f"weights from {cfg.init_weights}")
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optim.load_state_dict(state["optimizer"])
-        if "scaler" in state and scaler.is_enabled():
-            scaler.load_state_dict(state["scaler"])
-        step = int(state["step"])
-        ranks = json.loads(state["rng"])
-        if len(ranks) != ddp.world:
-            raise GvslInputError(
-                f"{_checkpoint_path(out)}: saved with {len(ranks)} process(es); resume with the same number"
-            )
-        mine = ranks[ddp.rank]
-        dataset.load_state_dict(mine["data"])
-        torch.set_rng_state(torch.tensor(mine["torch"], dtype=torch.uint8))
-        aug_gen.set_state(torch.tensor(mine["aug"], dtype=torch.uint8))
-        if ddp.main:
-            log(f"resumed {out} at step {step}")
+    return _Session(model, optim, scaler, dataset, aug_gen)
 
-    net: torch.nn.Module = model
+
+def _apply_init_weights(
+    session: _Session, cfg: TrainConfig, device: torch.device, ddp: _Distributed, log: Callable[[str], None]
+) -> None:
+    """A new run's warm start: the weights of ``cfg.init_weights`` when it names a model."""
+    if not cfg.init_weights:
+        return
+    _warm_start(session.model, cfg.init_weights, device)
+    if ddp.main:
+        log(f"weights from {cfg.init_weights}")
+
+
+def _restore(
+    session: _Session, state: dict[str, Any], ddp: _Distributed, out: Path, log: Callable[[str], None]
+) -> None:
+    """Put a checkpoint back into ``session``: weights, optimiser, loss scaler, step and this rank's random states."""
+    session.model.load_state_dict(state["model"])
+    session.optim.load_state_dict(state["optimizer"])
+    if "scaler" in state and session.scaler.is_enabled():
+        session.scaler.load_state_dict(state["scaler"])
+    session.step = int(state["step"])
+    ranks = json.loads(state["rng"])
+    if len(ranks) != ddp.world:
+        raise GvslInputError(
+            f"{_checkpoint_path(out)}: saved with {len(ranks)} process(es); resume with the same number"
+        )
+    mine = ranks[ddp.rank]
+    session.dataset.load_state_dict(mine["data"])
+    torch.set_rng_state(torch.tensor(mine["torch"], dtype=torch.uint8))
+    session.aug_gen.set_state(torch.tensor(mine["aug"], dtype=torch.uint8))
+    if ddp.main:
+        log(f"resumed {out} at step {session.step}")
+
+
+def _train_step(
+    session: _Session, cfg: TrainConfig, device: torch.device, ddp: _Distributed, amp_dtype: torch.dtype | None
+) -> tuple[Callable[[torch.Tensor, torch.Tensor, torch.Generator], Any], list[float]]:
+    """The run's step (DDP-wrapped under ``torchrun``) and the list it fills with every rank's loss.
+
+    The list stays empty until a step where some rank's loss is not finite; then
+    every rank skips that update and the loop stops.
+    """
+    net: torch.nn.Module = session.model
     if ddp.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            session.model, device_ids=[device.index] if device.type == "cuda" else None
         )
     criterion = GVSLLoss(LossWeights(**cfg.loss))
     augmenter = Augmenter(AugmentConfig.from_dict(cfg.augment), affine_convention=cfg.affine_convention)
-    rank_losses: list[float] = []  # every rank's loss, filled at a step where one was not finite
+    rank_losses: list[float] = []
 
     def any_rank_nonfinite(loss: torch.Tensor) -> bool:
         # every rank votes before any backward: all skip the update and stop together
@@ -394,96 +466,141 @@ def _train(
 
     train_step = make_train_step(
         net,
-        optim,
+        session.optim,
         criterion,
         augmenter,
         amp_dtype,
-        scaler,
+        session.scaler,
         channels_last=cfg.channels_last,
         compile=cfg.compile,
         skip_update=any_rank_nonfinite,
     )
-    batches = _batches(iter(dataset), cfg.batch_size, device)
-    metrics_path = out / "metrics.csv"
-    if ddp.main:
-        _truncate_metrics(metrics_path, step)
-    writer = _tensorboard(out) if ddp.main else None
+    return train_step, rank_losses
 
-    def save_checkpoint() -> None:
-        ranks = ddp.gather(
-            {
-                "data": dataset.state_dict(),
-                "torch": torch.get_rng_state().tolist(),
-                "aug": aug_gen.get_state().tolist(),
-            }
-        )
-        if not ddp.main:
-            return
-        payload = {
-            "model": model.state_dict(),
-            "optimizer": optim.state_dict(),
-            "step": step,
-            "config": json.dumps(cfg.to_dict()),
-            "rng": _rng_to_json(ranks),
-            "gvsl_version": __version__,
+
+def _save_checkpoint(session: _Session, cfg: TrainConfig, ddp: _Distributed, out: Path) -> None:
+    """Gather every rank's random states; rank 0 writes them with the weights to ``last.pt`` atomically."""
+    ranks = ddp.gather(
+        {
+            "data": session.dataset.state_dict(),
+            "torch": torch.get_rng_state().tolist(),
+            "aug": session.aug_gen.get_state().tolist(),
         }
-        if scaler.is_enabled():
-            payload["scaler"] = scaler.state_dict()
-        atomic_write(_checkpoint_path(out), lambda p: torch.save(payload, p))
+    )
+    if not ddp.main:
+        return
+    payload = {
+        "model": session.model.state_dict(),
+        "optimizer": session.optim.state_dict(),
+        "step": session.step,
+        "config": json.dumps(cfg.to_dict()),
+        "rng": _rng_to_json(ranks),
+        "gvsl_version": __version__,
+    }
+    if session.scaler.is_enabled():
+        payload["scaler"] = session.scaler.state_dict()
+    atomic_write(_checkpoint_path(out), lambda p: torch.save(payload, p))
 
-    last: dict[str, float] = {}
+
+def _loop(
+    session: _Session,
+    cfg: TrainConfig,
+    device: torch.device,
+    ddp: _Distributed,
+    out: Path,
+    train_step: Callable[[torch.Tensor, torch.Tensor, torch.Generator], Any],
+    rank_losses: list[float],
+    progress: Callable[[int, int, dict[str, float]], None] | None,
+) -> tuple[dict[str, float], bool]:
+    """Step until ``cfg.iterations`` or a stop signal; returns the last logged metrics and whether it was stopped.
+
+    Rank 0 logs metrics (:class:`_MetricsLog`); checkpoints are written every
+    ``cfg.checkpoint_every`` steps. A non-finite loss saves the weights from
+    before that step and raises GvslInputError.
+    """
+    batches = _batches(iter(session.dataset), cfg.batch_size, device)
+    metrics = _MetricsLog(out, session.step) if ddp.main else None
     interrupted = False
-    t0 = time.perf_counter()
-    window_t, window_n = t0, 0
-    model.train()
+    session.model.train()
     with _StopFlag() as stop:
-        while step < cfg.iterations:
+        while session.step < cfg.iterations:
             if ddp.any(stop.set):
                 interrupted = True
                 break
             x1, x2 = next(batches)
-            terms = train_step(x1, x2, aug_gen)
+            terms = train_step(x1, x2, session.aug_gen)
             if rank_losses:
-                save_checkpoint()  # the model as it was before this step: the update was skipped
+                _save_checkpoint(session, cfg, ddp, out)  # the model as it was before this step: the update was skipped
                 ddp.barrier()  # all ranks leave together, after rank 0 has written it
-                raise GvslInputError(_nonfinite_message(out, step + 1, rank_losses))
-            step += 1
-            window_n += 1
-            if ddp.main and (step % cfg.log_every == 0 or step == cfg.iterations or step == 1):
-                now = time.perf_counter()
-                last = {**terms.as_floats(), "lr": optim.param_groups[0]["lr"]}
-                last["it_per_s"] = window_n / max(now - window_t, 1e-9)
-                last["elapsed_s"] = now - t0
-                window_t, window_n = now, 0
-                _append_metrics(metrics_path, step, last)
-                if writer is not None:
-                    for k, v in last.items():
-                        writer.add_scalar(f"train/{k}", v, step)
-            if ddp.main and progress is not None:
-                progress(step, cfg.iterations, last or terms.as_floats())
+                raise GvslInputError(_nonfinite_message(out, session.step + 1, rank_losses))
+            session.step += 1
+            step = session.step
+            if metrics is not None:
+                metrics.count_step()
+                if step % cfg.log_every == 0 or step == cfg.iterations or step == 1:
+                    metrics.record(step, {**terms.as_floats(), "lr": session.optim.param_groups[0]["lr"]})
+                if progress is not None:
+                    progress(step, cfg.iterations, metrics.last or terms.as_floats())
             if step % cfg.checkpoint_every == 0 and step < cfg.iterations:
-                save_checkpoint()
-    save_checkpoint()
-    model_dir = None
-    if ddp.main:
-        if writer is not None:
-            writer.close()
-        if not interrupted:
-            model_dir = save_model(
-                model,
-                out / "model",
-                preprocess=pre.to_dict(),
-                extra={
-                    "patch_size": list(cfg.patch_size),
-                    "train": {
-                        "steps": step,
-                        "data": [str(p) for p in good],
-                        "final": last,
-                        **({"synth": cfg.synth, "synth_ratio": cfg.synth_ratio} if cfg.synth is not None else {}),
-                    },
-                },
-            )
-    return TrainResult(step, interrupted, model_dir, last, [(str(p), w) for p, w in bad])
+                _save_checkpoint(session, cfg, ddp, out)
+    if metrics is None:
+        return {}, interrupted
+    metrics.close()
+    return metrics.last, interrupted
+
+
+class _MetricsLog:
+    """Rank 0's record of the run: rows of ``metrics.csv``, TensorBoard scalars when installed, and the speed.
+
+    ``it_per_s`` is the speed since the previous row; on resume the rows logged
+    after the checkpoint's step are dropped first.
+    """
+
+    def __init__(self, out: Path, step: int) -> None:
+        self.path = out / "metrics.csv"
+        _truncate_metrics(self.path, step)
+        self.writer = _tensorboard(out)
+        self.last: dict[str, float] = {}
+        self.start = time.perf_counter()
+        self.window_start, self.window_steps = self.start, 0
+
+    def count_step(self) -> None:
+        self.window_steps += 1
+
+    def record(self, step: int, values: dict[str, float]) -> None:
+        """Log ``values`` (loss terms and learning rate) at ``step`` with the speed and the elapsed time."""
+        now = time.perf_counter()
+        self.last = {**values, "it_per_s": self.window_steps / max(now - self.window_start, 1e-9)}
+        self.last["elapsed_s"] = now - self.start
+        self.window_start, self.window_steps = now, 0
+        _append_metrics(self.path, step, self.last)
+        if self.writer is not None:
+            for k, v in self.last.items():
+                self.writer.add_scalar(f"train/{k}", v, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _save_final_model(
+    session: _Session, cfg: TrainConfig, pre: PreprocessConfig, good: list[Path], last: dict[str, float], out: Path
+) -> Path:
+    """Write the trained model to ``RUN/model`` with its preprocessing, patch size and training summary."""
+    return save_model(
+        session.model,
+        out / "model",
+        preprocess=pre.to_dict(),
+        extra={
+            "patch_size": list(cfg.patch_size),
+            "train": {
+                "steps": session.step,
+                "data": [str(p) for p in good],
+                "final": last,
+                **({"synth": cfg.synth, "synth_ratio": cfg.synth_ratio} if cfg.synth is not None else {}),
+            },
+        },
+    )
 
 
 def make_train_step(

@@ -93,15 +93,15 @@ class GvslClient:
         self.protocol, self.address, self.ssl = parse_url(url)
         try:
             if self.protocol == "grpc":
-                import tritonclient.grpc as tc
+                import tritonclient.grpc as triton_client
             else:
-                import tritonclient.http as tc
+                import tritonclient.http as triton_client
         except ImportError as e:
             raise GvslInputError(
                 f"--server {url}: tritonclient[{self.protocol}] is not installed ({e}); "
                 f"pip install 'tritonclient[{self.protocol}]'"
             ) from None
-        self._tc = tc
+        self._triton_client = triton_client
         self.timeout = float(timeout)
         self.max_voxels = max_voxels
         self.embed_model = embed_model
@@ -117,9 +117,9 @@ class GvslClient:
         c = getattr(self._local, "client", None)
         if c is None:
             if self.protocol == "grpc":
-                c = self._tc.InferenceServerClient(self.address, ssl=self.ssl)
+                c = self._triton_client.InferenceServerClient(self.address, ssl=self.ssl)
             else:
-                c = self._tc.InferenceServerClient(
+                c = self._triton_client.InferenceServerClient(
                     self.address, ssl=self.ssl, connection_timeout=min(60.0, self.timeout), network_timeout=self.timeout
                 )
             self._local.client = c
@@ -195,13 +195,13 @@ class GvslClient:
 
         Asks for the ``error`` output too and turns a refusal into :class:`GvslInputError`.
         """
-        tc = self._tc
+        triton_client = self._triton_client
         from tritonclient.utils import np_to_triton_dtype
 
         req = []
         for name, arr in inputs.items():
             a = np.ascontiguousarray(arr)
-            t = tc.InferInput(name, list(a.shape), np_to_triton_dtype(a.dtype))
+            t = triton_client.InferInput(name, list(a.shape), np_to_triton_dtype(a.dtype))
             if self.protocol == "http":
                 t.set_data_from_numpy(a, binary_data=True)
             else:
@@ -209,10 +209,10 @@ class GvslClient:
             req.append(t)
         names = list(dict.fromkeys([*outputs, ERROR_OUTPUT]))
         if self.protocol == "http":
-            outs = [tc.InferRequestedOutput(n, binary_data=True) for n in names]
+            outs = [triton_client.InferRequestedOutput(n, binary_data=True) for n in names]
             kwargs: dict[str, Any] = {}
         else:
-            outs = [tc.InferRequestedOutput(n) for n in names]
+            outs = [triton_client.InferRequestedOutput(n) for n in names]
             kwargs = {"client_timeout": self.timeout}
         try:
             res = self._client().infer(model, req, outputs=outs, **kwargs)

@@ -300,9 +300,7 @@ def test_volume_from_array_ok():
 def test_canonical_matches_nibabel(mni_small_arrays):
     data = mni_small_arrays["t1"].astype(np.float32)
     # permuted (axes -> A, S, L) + flips, 2x3x1.5 mm, with a translation
-    aff = np.array(
-        [[0.0, 0.0, -1.5, 30.0], [-2.0, 0.0, 0.0, 50.0], [0.0, 3.0, 0.0, -20.0], [0, 0, 0, 1]]
-    )
+    aff = np.array([[0.0, 0.0, -1.5, 30.0], [-2.0, 0.0, 0.0, 50.0], [0.0, 3.0, 0.0, -20.0], [0, 0, 0, 1]])
     ref = nib.as_closest_canonical(nib.Nifti1Image(data, aff))
     out = to_canonical(Volume(data, aff))
     np.testing.assert_array_equal(out.data, np.asarray(ref.dataobj))
@@ -345,9 +343,7 @@ def test_resample_shape_affine_and_linear_ramp(target):
     ni, nj, nk = np.meshgrid(*(np.arange(n) for n in expect_shape), indexing="ij")
     oi, oj, ok = ni * target[0] / 2.0, nj * target[1] / 3.0, nk * target[2] / 1.5
     inside = (oi <= shape[0] - 1) & (oj <= shape[1] - 1) & (ok <= shape[2] - 1)
-    np.testing.assert_allclose(
-        out.data[inside], (0.5 * oi - 2.0 * oj + 3.0 * ok + 7.0)[inside], rtol=1e-5, atol=1e-4
-    )
+    np.testing.assert_allclose(out.data[inside], (0.5 * oi - 2.0 * oj + 3.0 * ok + 7.0)[inside], rtol=1e-5, atol=1e-4)
 
 
 def test_resample_matches_scipy_trilinear():
@@ -356,9 +352,7 @@ def test_resample_matches_scipy_trilinear():
     aff = np.diag([0.8, 1.3, 2.6, 1.0])
     out = resample(Volume(data, aff), (1.0, 1.0, 1.0))
     scale = np.array([1 / 0.8, 1 / 1.3, 1 / 2.6])
-    ref = ndimage.affine_transform(
-        data, scale, output_shape=out.data.shape, order=1, mode="nearest"
-    )
+    ref = ndimage.affine_transform(data, scale, output_shape=out.data.shape, order=1, mode="nearest")
     np.testing.assert_allclose(out.data, ref, atol=1e-5)
     nearest = resample(Volume(data, aff), (1.0, 1.0, 1.0), order=0)
     assert set(np.unique(nearest.data)) <= set(np.unique(data))
@@ -368,9 +362,7 @@ def test_resample_threaded_path_matches_scipy():
     rng = np.random.default_rng(2)
     data = rng.random((96, 100, 60), dtype=np.float32)  # output > 1M voxels: thread pool
     out = resample(Volume(data, np.diag([0.7, 0.7, 2.5, 1.0])), (1.0, 1.0, 1.0))
-    ref = ndimage.affine_transform(
-        data, [1 / 0.7, 1 / 0.7, 0.4], output_shape=out.data.shape, order=1, mode="nearest"
-    )
+    ref = ndimage.affine_transform(data, [1 / 0.7, 1 / 0.7, 0.4], output_shape=out.data.shape, order=1, mode="nearest")
     np.testing.assert_allclose(out.data, ref, atol=1e-5)
 
 
@@ -390,9 +382,7 @@ def test_resample_tiny_axis_keeps_one_voxel():
 def test_ct_window():
     cfg = PreprocessConfig(modality="ct")
     hu = np.array([-3000.0, -1024.0, 0.0, 512.0, 1024.0, 4000.0])
-    np.testing.assert_allclose(
-        normalize_intensity(hu, cfg), [0.0, 0.0, 0.5, 0.75, 1.0, 1.0], atol=1e-7
-    )
+    np.testing.assert_allclose(normalize_intensity(hu, cfg), [0.0, 0.0, 0.5, 0.75, 1.0, 1.0], atol=1e-7)
     assert normalize_intensity(hu, cfg).dtype == np.float32
 
 
@@ -404,9 +394,7 @@ def test_mr_percentiles():
     out = normalize_intensity(data, cfg)
     lo, hi = np.percentile(data[data != 0], [1.0, 99.0])
     fg = data[5:15, 5:15, 5:15]
-    np.testing.assert_allclose(
-        out[5:15, 5:15, 5:15], np.clip((fg - lo) / (hi - lo), 0, 1), atol=1e-6
-    )
+    np.testing.assert_allclose(out[5:15, 5:15, 5:15], np.clip((fg - lo) / (hi - lo), 0, 1), atol=1e-6)
     assert out.min() == 0.0 and out.max() == 1.0
     assert np.all(out[data == 0] == 0.0)  # background stays 0
     full = normalize_intensity(data, PreprocessConfig(modality="mr", mr_percentiles=(0, 100)))
@@ -415,9 +403,7 @@ def test_mr_percentiles():
 
 @pytest.mark.parametrize("value", [0.0, 5.0])
 def test_mr_constant_image_gives_zeros(value):
-    out = normalize_intensity(
-        np.full((4, 4, 4), value, np.float32), PreprocessConfig(modality="mr")
-    )
+    out = normalize_intensity(np.full((4, 4, 4), value, np.float32), PreprocessConfig(modality="mr"))
     assert np.all(out == 0.0) and out.dtype == np.float32
 
 
@@ -501,11 +487,11 @@ def test_runtime_works_without_torch():
 
         sys.meta_path.insert(0, NoTorch())
         import numpy as np
-        import gvsl.runtime as rt
+        import gvsl.runtime as runtime
         from gvsl.runtime.preprocess import pad_to_multiple, volume_from_array
 
         vol = volume_from_array(np.random.default_rng(0).random((20, 20, 10)), np.eye(4))
-        out = rt.preprocess(vol, rt.PreprocessConfig(spacing=(2.0, 2.0, 2.0), modality="mr"))
+        out = runtime.preprocess(vol, runtime.PreprocessConfig(spacing=(2.0, 2.0, 2.0), modality="mr"))
         padded, _ = pad_to_multiple(out.data)
         assert out.data.shape == (10, 10, 5), out.data.shape
         assert padded.shape == (16, 16, 16)

@@ -603,10 +603,10 @@ def test_runtime_and_cli_work_without_torch(tmp_path, tiny, t1):
                 return None
 
         sys.meta_path.insert(0, NoTorch())
-        import gvsl.runtime as rt
-        e = rt.Embedder({str(export_dir)!r}, device="cpu")
+        import gvsl.runtime as runtime
+        e = runtime.Embedder({str(export_dir)!r}, device="cpu")
         assert e.embed({str(a)!r}, dense=True).features.shape == (8, 28, 28, 28)
-        r = rt.Registrar({str(export_dir)!r}, device="cpu").register({str(a)!r}, {str(b)!r})
+        r = runtime.Registrar({str(export_dir)!r}, device="cpu").register({str(a)!r}, {str(b)!r})
         assert r.warped.shape == (28, 28, 28)
         from typer.testing import CliRunner
         from gvsl.cli.main import app
