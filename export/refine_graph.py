@@ -1,7 +1,9 @@
 """``refine.onnx``: the instance-optimisation graph (:mod:`gvsl.refine`) as one ONNX ``Loop``.
 
-The body is one traced :class:`gvsl.refine.RefineStep`; the outer graph runs
-it ``iterations`` times (a run-time input, so one file serves every level and
+The body is one traced :class:`gvsl.refine.RefineStep`; the outer graph first
+computes what every iteration shares (:class:`gvsl.refine.RefineConstants`:
+the identity grid, the fixed image's local moments, the smoothing
+renormalisers), then runs the body ``iterations`` times (a run-time input, so one file serves every level and
 every ``--refine N``) and then reports the local CC of the result, which the
 runtime uses to pick the better starting field and to report quality. The
 graph holds no learned weights, only the constants of
@@ -27,7 +29,15 @@ import torch.nn as nn
 
 from gvsl import __version__
 from gvsl.export.errors import ExportError
-from gvsl.refine import AffineStep, RefineSettings, RefineStep, affine_locations, local_cc, sample_clamped
+from gvsl.refine import (
+    AffineStep,
+    RefineConstants,
+    RefineSettings,
+    RefineStep,
+    affine_locations,
+    local_cc,
+    sample_clamped,
+)
 from gvsl.runtime import artifact
 from gvsl.spatial import identity_grid
 
@@ -152,9 +162,11 @@ def _loop_model(
     kind: str,
     settings: RefineSettings,
     doc: str,
+    prelude: Any | None = None,
 ) -> Any:
     """Join a traced step and a traced similarity into one refine graph, the layout both share:
-    ``Loop`` over the step (``iterations`` times; ``carried`` body inputs fed from ``loop_inputs``,
+    ``prelude`` (a trace whose outputs the step reads by name from the outer scope: what
+    every iteration shares, computed once), then a ``Loop`` over the step (``iterations`` times; ``carried`` body inputs fed from ``loop_inputs``,
     the first loop output being the refined value), then the similarity of the refined value,
     read by ``cc`` under the name ``cc_input``. Outputs: ``result`` (name, shape) and
     ``similarity`` ``[1]``; fixed, moving and the run-time scalars come from the outer scope."""
@@ -166,6 +178,11 @@ def _loop_model(
     body = onnx.compose.add_prefix(body, "step/", rename_inputs=False, rename_outputs=False)
     cc = onnx.compose.add_prefix(cc, "similarity/", rename_inputs=False, rename_outputs=False)
     body_graph = _as_loop_body(body, carried, f"{prefix}_step")
+    before: list[Any] = []
+    if prelude is not None:
+        prelude = onnx.compose.add_prefix(prelude, "constants/", rename_inputs=False, rename_outputs=False)
+        before = [*prelude.graph.node]
+        initializers = [*initializers, *prelude.graph.initializer]
     refined = loop_outputs[0]
     loop = helper.make_node(
         "Loop", ["iterations", "", *loop_inputs], loop_outputs, name=f"{prefix}/loop", body=body_graph
@@ -175,6 +192,7 @@ def _loop_model(
         node.input[:] = [refined if i == cc_input else i for i in node.input]
     result_name, result_shape = result
     nodes = [
+        *before,
         loop,
         *cc_graph.node,
         helper.make_node("Identity", [refined], [result_name], name=f"{prefix}/out"),
@@ -260,10 +278,15 @@ def build_refine_model(settings: RefineSettings | None = None) -> Any:
     fixed, moving = torch.rand(*shape), torch.rand(*shape)
     dvf = torch.zeros(1, 3, *shape[2:])
     scalar = torch.tensor([0.5])
-    step_inputs = ["fixed", "moving", "dvf_in", "step", "regularisation", "iteration", "reference_in"]
+    shared = ["grid", "fixed_mean", "fixed_variance", "update_norm", "total_norm"]
+    prelude_module = RefineConstants(settings).eval()
+    prelude = _trace(prelude_module, (fixed,), ["fixed"], shared)
+    with torch.no_grad():
+        constants = prelude_module(fixed)
+    step_inputs = ["fixed", "moving", "dvf_in", "step", "regularisation", "iteration", "reference_in", *shared]
     body = _trace(
         RefineStep(settings).eval(),
-        (fixed, moving, dvf, scalar, scalar, torch.tensor(0), scalar),
+        (fixed, moving, dvf, scalar, scalar, torch.tensor(0), scalar, *constants),
         step_inputs,
         ["dvf_out", "reference_out"],
     )
@@ -290,6 +313,7 @@ def build_refine_model(settings: RefineSettings | None = None) -> Any:
         kind=artifact.REFINE,
         settings=settings,
         doc="GVSL refinement graph: greedy diffeomorphic local-CC ascent (gvsl.refine)",
+        prelude=prelude,
     )
 
 

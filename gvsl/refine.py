@@ -15,7 +15,10 @@ One iteration, on one grid (voxel units; pull-back convention of
    derivative with respect to ``warped`` (Avants et al. 2008, the form ANTs
    uses): ``dCC/dw = 2 s_fw / (s_ff s_ww) * ((f - mean_f) - s_fw / s_ww * (w - mean_w))``.
    The local means and (co)variances come from one separable box filter
-   (three 1-D average pools over five stacked maps);
+   (three 1-D average pools over stacked maps); the fixed image's own mean
+   and variance, the identity grid and the Gaussians' border renormalisers
+   depend on the grid alone and are computed once per level
+   (:func:`refine_constants`);
 3. the force ``dCC/dw * grad(warped)`` is smoothed by a Gaussian
    (``sigma_update``, the "fluid" regulariser) and scaled robustly: the mean
    vector length of the first iteration maps to half of ``step`` voxels for
@@ -54,18 +57,22 @@ from gvsl.spatial import identity_grid
 
 __all__ = [
     "AffineStep",
+    "RefineConstants",
     "RefineSettings",
     "RefineStep",
     "cc_force",
+    "fixed_moments",
     "gaussian_kernel",
     "local_cc",
     "affine_locations",
     "affine_step",
     "refine",
     "refine_affine",
+    "refine_constants",
     "refine_step",
     "sample_clamped",
     "smooth",
+    "smooth_norm",
 ]
 
 #: guards the CC ratios; far below the product of two local variances of [0, 1] images (~1e-8 for
@@ -109,24 +116,35 @@ def gaussian_kernel(sigma: float, truncate: float = 3.0) -> torch.Tensor:
     return (k / k.sum()).float()
 
 
-def smooth(field: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian of each channel of a field ``[N, 3, D, H, W]`` (zero padding,
-    renormalised at the border so a constant field stays constant)."""
-    if taps.numel() == 1:
-        return field
-    c = 3  # displacement fields; a literal so that tracing keeps the kernel shape static
+def _separable(volume: torch.Tensor, taps: torch.Tensor, channels: int) -> torch.Tensor:
+    """``volume [N, channels, D, H, W]`` filtered by ``taps`` along each axis (zero padding)."""
     half = taps.numel() // 2
-    out = field
-    norm = torch.ones_like(field[:, :1])
+    out = volume
     for axis in range(3):
         shape = [1, 1, 1, 1, 1]
         shape[2 + axis] = taps.numel()
         pad = [0, 0, 0]
         pad[axis] = half
-        weight = taps.to(field.dtype).view(shape)
-        out = F.conv3d(out, weight.expand(c, *shape[1:]), padding=tuple(pad), groups=c)
-        norm = F.conv3d(norm, weight, padding=tuple(pad))
-    return out / norm
+        weight = taps.to(volume.dtype).view(shape)
+        out = F.conv3d(out, weight.expand(channels, *shape[1:]), padding=tuple(pad), groups=channels)
+    return out
+
+
+def smooth_norm(like: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """The border renormaliser of :func:`smooth` on the grid of ``like`` ``[N, C, D, H, W]``:
+    the zero-padded Gaussian of ones, ``[N, 1, D, H, W]``. It depends on the grid alone, so a
+    refinement computes it once per level."""
+    return _separable(torch.ones_like(like[:, :1]), taps, 1)
+
+
+def smooth(field: torch.Tensor, taps: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor:
+    """Separable Gaussian of each channel of a field ``[N, 3, D, H, W]`` (zero padding,
+    renormalised at the border so a constant field stays constant; ``norm`` is
+    :func:`smooth_norm` of the grid, computed here when not given)."""
+    if taps.numel() == 1:
+        return field
+    # 3 channels: displacement fields; a literal so that tracing keeps the kernel shape static
+    return _separable(field, taps, 3) / (smooth_norm(field, taps) if norm is None else norm)
 
 
 def _box(maps: torch.Tensor, radius: int) -> torch.Tensor:
@@ -139,11 +157,25 @@ def _box(maps: torch.Tensor, radius: int) -> torch.Tensor:
     return out
 
 
-def _local_moments(fixed: torch.Tensor, warped: torch.Tensor, radius: int) -> tuple[torch.Tensor, ...]:
-    stacked = torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], dim=1)
-    means = _box(stacked, radius)
-    mean_f, mean_w, mean_ff, mean_ww, mean_fw = (means[:, k : k + 1] for k in range(5))  # slices, not Split
-    s_ff = (mean_ff - mean_f * mean_f).clamp(min=0.0)
+def fixed_moments(fixed: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local mean and variance of ``fixed`` over the CC window: constant while ``warped``
+    changes, so a refinement computes them once per level."""
+    means = _box(torch.cat([fixed, fixed * fixed], dim=1), radius)
+    mean_f, mean_ff = means[:, 0:1], means[:, 1:2]  # slices, not Split
+    return mean_f, (mean_ff - mean_f * mean_f).clamp(min=0.0)
+
+
+def _local_moments(
+    fixed: torch.Tensor,
+    warped: torch.Tensor,
+    radius: int,
+    moments: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Local means and (co)variances of the pair; ``moments`` are :func:`fixed_moments`
+    of ``fixed`` when already known (three maps go through the box filter, not five)."""
+    mean_f, s_ff = fixed_moments(fixed, radius) if moments is None else moments
+    means = _box(torch.cat([warped, warped * warped, fixed * warped], dim=1), radius)
+    mean_w, mean_ww, mean_fw = (means[:, k : k + 1] for k in range(3))  # slices, not Split
     s_ww = (mean_ww - mean_w * mean_w).clamp(min=0.0)
     s_fw = mean_fw - mean_f * mean_w
     return mean_f, mean_w, s_ff, s_ww, s_fw
@@ -164,9 +196,15 @@ def _gradient(volume: torch.Tensor) -> torch.Tensor:
     return torch.cat([gd, gh, gw], dim=1)
 
 
-def cc_force(fixed: torch.Tensor, warped: torch.Tensor, radius: int = 2) -> torch.Tensor:
-    """Ascent direction of local CC for the pull-back field: ``dCC/dw * grad(warped)``, ``[N, 3, ...]``."""
-    mean_f, mean_w, s_ff, s_ww, s_fw = _local_moments(fixed, warped, radius)
+def cc_force(
+    fixed: torch.Tensor,
+    warped: torch.Tensor,
+    radius: int = 2,
+    moments: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Ascent direction of local CC for the pull-back field: ``dCC/dw * grad(warped)``, ``[N, 3, ...]``
+    (``moments``: :func:`fixed_moments` of ``fixed``, when already known)."""
+    mean_f, mean_w, s_ff, s_ww, s_fw = _local_moments(fixed, warped, radius, moments)
     # The prefactor's variances have a noise floor: where a window is nearly flat, the exact CC
     # gradient is so steep that fixed-size steps oscillate. The bracket stays exact, so aligned
     # images (warped = fixed) get no force at all.
@@ -235,6 +273,17 @@ def sample_clamped(src: torch.Tensor, locs: torch.Tensor) -> torch.Tensor:
 MIN_REFERENCE = 1e-2
 
 
+def refine_constants(
+    fixed: torch.Tensor, radius: int, update_taps: torch.Tensor, total_taps: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """What every iteration on one grid shares, computed once per level: the identity grid,
+    the fixed image's local mean and variance (:func:`fixed_moments`) and the border
+    renormalisers of the update and total-field Gaussians (:func:`smooth_norm`)."""
+    grid = identity_grid(_sizes(fixed), fixed.device, fixed.dtype)
+    mean_f, s_ff = fixed_moments(fixed, radius)
+    return grid, mean_f, s_ff, smooth_norm(fixed, update_taps), smooth_norm(fixed, total_taps)
+
+
 def refine_step(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -246,17 +295,21 @@ def refine_step(
     update_taps: torch.Tensor,
     total_taps: torch.Tensor,
     radius: int = 2,
+    constants: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One greedy iteration (module docstring); returns the new field and the reference length.
 
     ``step``/``regularisation``/``reference`` are 1-element tensors, ``iteration`` the
     0-based iteration number: at iteration 0 the mean update length becomes the
     ``reference`` that maps to half a step for the rest of the run, so updates shrink
-    as the images come into alignment.
+    as the images come into alignment. ``constants`` are :func:`refine_constants` of
+    the grid (computed here when not given).
     """
-    grid = identity_grid(_sizes(dvf), dvf.device, dvf.dtype)
+    if constants is None:
+        constants = refine_constants(fixed, radius, update_taps, total_taps)
+    grid, mean_f, s_ff, update_norm, total_norm = constants
     warped = sample_clamped(moving, grid + dvf)
-    update = smooth(cc_force(fixed, warped, radius), update_taps)
+    update = smooth(cc_force(fixed, warped, radius, (mean_f, s_ff)), update_taps, update_norm)
     length = torch.sqrt((update * update).sum(dim=1, keepdim=True))
     current = torch.clamp(length.mean(), min=MIN_REFERENCE).reshape(1)
     reference = torch.where(iteration.reshape(1) == 0, current, reference.reshape(1))
@@ -264,7 +317,7 @@ def refine_step(
     # no vector longer than one step
     update = update * gain / torch.clamp(length * gain / step.view(1, 1, 1, 1, 1), min=1.0)
     composed = update + sample_clamped(dvf, grid + update)
-    smoothed = smooth(composed, total_taps)
+    smoothed = smooth(composed, total_taps, total_norm)
     return composed + regularisation.view(1, 1, 1, 1, 1) * (smoothed - composed), reference
 
 
@@ -288,13 +341,32 @@ def refine(
     reg_t = torch.tensor([float(regularisation)], dtype=fixed.dtype)
     reference = torch.ones(1, dtype=fixed.dtype)
     with torch.no_grad():
+        constants = RefineConstants(settings)(fixed)
         for k in range(int(iterations)):
-            field, reference = module(fixed, moving, field, step_t, reg_t, torch.tensor(k), reference)
+            field, reference = module(fixed, moving, field, step_t, reg_t, torch.tensor(k), reference, *constants)
     return field
 
 
+class RefineConstants(nn.Module):
+    """:func:`refine_constants` with the settings' kernels as buffers: the part of ``refine.onnx``
+    that runs once, before the ``Loop``."""
+
+    def __init__(self, settings: RefineSettings | None = None) -> None:
+        super().__init__()
+        self.settings = settings or RefineSettings()
+        self.register_buffer("update_taps", gaussian_kernel(self.settings.sigma_update, self.settings.truncate))
+        self.register_buffer("total_taps", gaussian_kernel(self.settings.sigma_total, self.settings.truncate))
+
+    def forward(self, fixed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return refine_constants(fixed, self.settings.radius, self.update_taps, self.total_taps)
+
+
 class RefineStep(nn.Module):
-    """:func:`refine_step` with its constants as buffers: the body traced into ``refine.onnx``."""
+    """:func:`refine_step` with its constants as buffers: the body traced into ``refine.onnx``.
+
+    ``grid``, ``fixed_mean``, ``fixed_variance``, ``update_norm`` and ``total_norm`` are
+    the outputs of :class:`RefineConstants` for the same grid.
+    """
 
     def __init__(self, settings: RefineSettings | None = None) -> None:
         super().__init__()
@@ -311,6 +383,11 @@ class RefineStep(nn.Module):
         regularisation: torch.Tensor,
         iteration: torch.Tensor,
         reference: torch.Tensor,
+        grid: torch.Tensor,
+        fixed_mean: torch.Tensor,
+        fixed_variance: torch.Tensor,
+        update_norm: torch.Tensor,
+        total_norm: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return refine_step(
             fixed,
@@ -323,6 +400,7 @@ class RefineStep(nn.Module):
             self.update_taps,
             self.total_taps,
             self.settings.radius,
+            (grid, fixed_mean, fixed_variance, update_norm, total_norm),
         )
 
 
