@@ -166,9 +166,10 @@ def _loop_model(
 ) -> Any:
     """Join a traced step and a traced similarity into one refine graph, the layout both share:
     ``prelude`` (a trace whose outputs the step reads by name from the outer scope: what
-    every iteration shares, computed once), then a ``Loop`` over the step (``iterations`` times; ``carried`` body inputs fed from ``loop_inputs``,
-    the first loop output being the refined value), then the similarity of the refined value,
-    read by ``cc`` under the name ``cc_input``. Outputs: ``result`` (name, shape) and
+    every iteration shares, computed once), then a ``Loop`` over the step (``iterations``
+    times; ``carried`` body inputs fed from ``loop_inputs``, the first loop output being the
+    refined value), then the similarity of the refined value, read by ``cc`` under the name
+    ``cc_input``. Outputs: ``result`` (name, shape) and
     ``similarity`` ``[1]``; fixed, moving and the run-time scalars come from the outer scope."""
     import onnx
     import onnx.compose
