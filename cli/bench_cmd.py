@@ -49,7 +49,8 @@ def bench(
     model: Annotated[
         str | None,
         typer.Option(
-            "--model", "-m",
+            "--model",
+            "-m",
             help="Trained model folder / .pth (torch + exported ONNX), or an export folder (ONNX/TensorRT only). "
             "Default: random weights of --widths (speed does not depend on weights).",
         ),
@@ -160,8 +161,10 @@ def bench(
             result["inference"].append(r)
             save()
             if r.get("status") == "ok":
-                log(f"{r['kind']} {r['size']}³ batch {r['batch']} {r['backend']}: "
-                    f"{1000 * r['latency_s']['median']:.1f} ms, ×{r.get('x_baseline', float('nan')):.2f} eager")
+                log(
+                    f"{r['kind']} {r['size']}³ batch {r['batch']} {r['backend']}: "
+                    f"{1000 * r['latency_s']['median']:.1f} ms, ×{r.get('x_baseline', float('nan')):.2f} eager"
+                )
             else:
                 log(f"{r['kind']} {r['size']}³ batch {r['batch']} {r['backend']}: {r.get('status')}")
 

@@ -19,8 +19,12 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from gvsl.cli.app import MODALITY_HELP, app, err, progress_bar, user_errors
+from gvsl.runtime.refine_options import RefineOptions, format_levels, parse_levels
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: the refinement defaults every front end shares (``gvsl register``, ``gvsl serve``, ``Registrar``)
+REFINE_DEFAULTS = RefineOptions()
 
 BACKEND_HELP = "auto (ONNX Runtime for exports, torch for trained models), onnxruntime, tensorrt or torch."
 SERVER_HELP = (
@@ -451,27 +455,27 @@ def register(
             help="Instance-refinement iterations at the coarsest pyramid level after the network, half as many at "
             "each finer level (greedy diffeomorphic local-CC ascent, refine.onnx); 0 = the network alone."
         ),
-    ] = 40,
+    ] = REFINE_DEFAULTS.iterations,
     refine_levels: Annotated[
-        str, typer.Option(help="Refinement pyramid: isotropic spacings in mm, coarse to fine, e.g. 4,2 or 4,2,1.")
-    ] = "4,2",
+        str, typer.Option(help="Refinement pyramid: isotropic spacings in mm, coarse to fine, e.g. 6,3 or 6,3,1.5.")
+    ] = format_levels(REFINE_DEFAULTS.levels),
     refine_affine: Annotated[
         int,
         typer.Option(
             help="Affine refinement iterations (local-CC ascent, refine_affine.onnx) on the coarsest level, "
             "before the network; 0 = none. Runs only when --refine is above 0."
         ),
-    ] = 40,
+    ] = REFINE_DEFAULTS.affine_iterations,
     similarity: Annotated[
         str, typer.Option(help="Refinement similarity: ncc (local normalised cross-correlation).")
-    ] = ("ncc"),
+    ] = REFINE_DEFAULTS.similarity,
     regularisation: Annotated[
         float,
         typer.Option(
             help="Refinement smoothness in [0, 1]: how far the field is pulled towards its smoothed self each "
             "iteration (higher = smoother, less detail)."
         ),
-    ] = 0.3,
+    ] = REFINE_DEFAULTS.regularisation,
     modality: Annotated[str, typer.Option(help=MODALITY_HELP)] = "auto",
     backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "auto",
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
@@ -488,16 +492,11 @@ def register(
     """
     import gvsl.torch_backend  # noqa: F401 - registers the torch backend for trained models (imports no torch)
     from gvsl.runtime import cpu_pool
-    from gvsl.runtime.register import RefineOptions, Registrar
+    from gvsl.runtime.register import Registrar
 
     cpu_pool.set_threads(cpu_pool.check_threads(threads))
 
-    try:
-        levels = tuple(float(v) for v in refine_levels.split(","))
-    except ValueError:
-        raise typer.BadParameter(
-            f"--refine-levels {refine_levels}: give spacings in mm separated by commas, e.g. 4,2"
-        ) from None
+    levels = parse_levels(refine_levels)
     options = RefineOptions(
         iterations=refine,
         levels=levels,

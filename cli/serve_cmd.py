@@ -20,6 +20,10 @@ from typing import Annotated
 import typer
 
 from gvsl.cli.app import MODALITY_HELP, app, err, user_errors
+from gvsl.runtime.refine_options import RefineOptions, format_levels, parse_levels
+
+#: the refinement defaults every front end shares
+REFINE_DEFAULTS = RefineOptions()
 
 _CHILD = "_GVSL_SERVE_CHILD"  # set in the re-executed process: never re-execute twice
 MODEL_CHOICES = {"embed": "gvsl_embed", "register": "gvsl_register"}
@@ -103,11 +107,13 @@ def serve(
         typer.Option(
             help="Default refinement iterations per level for gvsl_register; 0 = network only (per request: 'refine')."
         ),
-    ] = 40,
-    refine_levels: Annotated[str, typer.Option(help="Refinement pyramid spacings in mm, coarse to fine.")] = "4,2",
+    ] = REFINE_DEFAULTS.iterations,
+    refine_levels: Annotated[
+        str, typer.Option(help="Refinement pyramid spacings in mm, coarse to fine.")
+    ] = format_levels(REFINE_DEFAULTS.levels),
     regularisation: Annotated[
         float, typer.Option(help="Default refinement smoothness in [0, 1] (per request: 'regularisation').")
-    ] = 0.3,
+    ] = REFINE_DEFAULTS.regularisation,
     modality: Annotated[str, typer.Option(help=MODALITY_HELP)] = "auto",
     exit_timeout: Annotated[int, typer.Option(help="Seconds Triton waits for in-flight requests when stopping.")] = 10,
     log_file: Annotated[Path | None, typer.Option(help="Write Triton's log here instead of the console.")] = None,
@@ -192,7 +198,7 @@ def serve(
         window_batch=window_batch,
         init=init,
         refine=refine,
-        refine_levels=tuple(float(v) for v in refine_levels.split(",")),
+        refine_levels=parse_levels(refine_levels),
         regularisation=regularisation,
         modality=None if modality == "model" else modality,
         exit_timeout=exit_timeout,

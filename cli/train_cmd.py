@@ -71,9 +71,7 @@ def train(
     channels_last: Annotated[
         bool, typer.Option(help="Channels-last 3-D memory format (faster convolutions on GPUs).")
     ] = False,
-    compile: Annotated[
-        bool, typer.Option(help="torch.compile the model (slow first steps, faster after).")
-    ] = False,
+    compile: Annotated[bool, typer.Option(help="torch.compile the model (slow first steps, faster after).")] = False,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="Switch spatial augmentation off.")] = False,
     augment: Annotated[
         list[str] | None,
@@ -83,9 +81,7 @@ def train(
             "gvsl.augment.AugmentConfig.",
         ),
     ] = None,
-    cache_dir: Annotated[
-        Path | None, typer.Option(help="Cache of preprocessed volumes (default RUN/cache).")
-    ] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Cache of preprocessed volumes (default RUN/cache).")] = None,
     skip_bad: Annotated[bool, typer.Option(help="Train on the good files and list the bad ones.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
     init_weights: Annotated[

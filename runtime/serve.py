@@ -52,6 +52,7 @@ import numpy as np
 
 from .errors import GvslInputError
 from .io import DEFAULT_MAX_VOXELS
+from .refine_options import DEFAULT_LEVELS, RefineOptions
 from .register import INITS
 from .serve_interpreter import interpreter_problem, library_python_version
 
@@ -114,9 +115,9 @@ class ServeOptions:
     overlap: float = 0.5
     window_batch: int = 1
     init: str = "auto"
-    refine: int = 40
-    refine_levels: tuple[float, ...] = (4.0, 2.0)
-    regularisation: float = 0.3
+    refine: int = RefineOptions.iterations
+    refine_levels: tuple[float, ...] = DEFAULT_LEVELS
+    regularisation: float = RefineOptions.regularisation
     #: normalisation of every request (auto: CT or MR decided per volume; None: the model's own)
     modality: str | None = "auto"
     exit_timeout: int = 10
@@ -418,8 +419,6 @@ def build_handlers(opts: ServeOptions) -> dict[str, tuple[Callable, list, list]]
         ins, outs = _embed_tensors(embedder.has_dense, info.embedding_dim, info.feature_dim)
         out[EMBED_MODEL] = (EmbedHandler(embedder, opts), ins, outs)
     if REGISTER_MODEL in opts.models:
-        from .refine import RefineOptions
-
         options = RefineOptions(iterations=opts.refine, levels=opts.refine_levels, regularisation=opts.regularisation)
         registrar = Registrar(
             opts.model,
