@@ -10,9 +10,10 @@ import sys
 from gvsl.cli import (
     bench_cmd,  # noqa: F401  (registers `gvsl bench`)
     demo_cmd,  # noqa: F401  (registers `gvsl synth`, `demo`, `probe`, `finetune`)
+    embed_cmd,  # noqa: F401  (registers `gvsl embed`)
     embed_stats_cmd,  # noqa: F401  (registers `gvsl embed-stats`)
     export_cmd,  # noqa: F401
-    runtime_cmd,  # noqa: F401
+    register_cmd,  # noqa: F401  (registers `gvsl register`)
     serve_cmd,  # noqa: F401
     train_cmd,  # noqa: F401  (registers `gvsl train`)
 )
