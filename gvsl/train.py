@@ -15,19 +15,14 @@ model is ``RUN/model/model.safetensors`` + ``model.json``.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import os
-import signal
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from gvsl import __version__
 from gvsl.augment import AugmentConfig, Augmenter
@@ -39,10 +34,10 @@ from gvsl.model import GVSL
 from gvsl.runtime.atomic import save_text
 from gvsl.runtime.errors import GvslInputError
 from gvsl.runtime.preprocess import PreprocessConfig
+from gvsl.train_metrics import MetricsLog
+from gvsl.train_processes import Distributed, StopFlag, resolve_device
 
 __all__ = ["TrainConfig", "TrainResult", "make_train_step", "train", "resolve_device"]
-
-METRIC_FIELDS = ["step", "total", "ncc", "mse", "smooth", "lr", "it_per_s", "elapsed_s"]
 
 
 @dataclass
@@ -140,74 +135,6 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- helpers
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> the local rank's GPU when CUDA exists, else CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise GvslInputError("--device cuda: no CUDA GPU is visible to torch; use --device cpu")
-        if name == "cuda":
-            name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return torch.device(name)
-
-
-def process_group_backend(device: torch.device) -> str:
-    """The backend of the run's process group: ``cpu:gloo,cuda:nccl`` on GPUs, ``gloo`` on CPU.
-
-    DDP's gradient all-reduce works on CUDA tensors and goes through NCCL; the
-    run's own collectives (stop and finite flags, barriers, the gather of each
-    rank's random state for the checkpoint) hold CPU data, which an NCCL-only
-    group rejects, so they go through gloo in the same group.
-    """
-    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-
-
-class _Distributed:
-    """Rank/world bookkeeping and every collective of the loop; a no-op outside ``torchrun``.
-
-    The loop calls ``torch.distributed`` only through this class, so the
-    devices its collectives use are decided here (:func:`process_group_backend`).
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.enabled = self.world > 1
-        if self.enabled and not dist.is_initialized():
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            dist.init_process_group(backend=process_group_backend(device))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-    def gather(self, obj: Any) -> list[Any]:
-        """``obj`` of every rank, in rank order, on every rank."""
-        if not self.enabled:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is true on any rank (Ctrl-C on one rank stops all)."""
-        if not self.enabled:
-            return flag
-        votes = torch.tensor([1.0 if flag else 0.0], device="cpu")  # CPU data: gloo carries it
-        dist.all_reduce(votes, op=dist.ReduceOp.MAX)
-        return bool(votes.item() > 0)
-
-    def close(self) -> None:
-        if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def _checkpoint_path(out: Path) -> Path:
     return out / "checkpoints" / "last.pt"
 
@@ -216,31 +143,6 @@ def _rng_to_json(state: dict[str, Any]) -> str:
     # numpy's bit-generator state holds ints beyond 64 bits: JSON keeps them exact
     # and weights_only loading accepts plain strings.
     return json.dumps(state)
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and stops between steps."""
-
-    def __init__(self) -> None:
-        self.set = False
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopFlag":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.set:  # second Ctrl-C: give up at once
-            raise KeyboardInterrupt
-        self.set = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -272,7 +174,7 @@ def train(
         raise GvslInputError(f"{out}: already holds a run; pass --resume to continue it or pick another --out")
 
     device = resolve_device(cfg.device)
-    ddp = _Distributed(device)
+    ddp = Distributed(device)
     try:
         result = _train(cfg, state, device, ddp, out, progress, scan_progress, log)
         # rank 0 is still writing the model when the others finish: leave together, because
@@ -319,7 +221,7 @@ def _train(
     cfg: TrainConfig,
     state: dict[str, Any] | None,
     device: torch.device,
-    ddp: _Distributed,
+    ddp: Distributed,
     out: Path,
     progress: Callable[[int, int, dict[str, float]], None] | None,
     scan_progress: Callable[[int, int, str], None] | None,
@@ -346,7 +248,7 @@ def _train(
 def _scan_data(
     cfg: TrainConfig,
     pre: PreprocessConfig,
-    ddp: _Distributed,
+    ddp: Distributed,
     out: Path,
     scan_progress: Callable[[int, int, str], None] | None,
     log: Callable[[str], None],
@@ -380,7 +282,7 @@ def _new_session(
     cache: VolumeCache,
     good: list[Path],
     device: torch.device,
-    ddp: _Distributed,
+    ddp: Distributed,
     amp_dtype: torch.dtype | None,
 ) -> _Session:
     """A fresh, seeded model, optimiser, loss scaler, data stream and augmentation generator at step 0."""
@@ -407,7 +309,7 @@ def _new_session(
 
 
 def _apply_init_weights(
-    session: _Session, cfg: TrainConfig, device: torch.device, ddp: _Distributed, log: Callable[[str], None]
+    session: _Session, cfg: TrainConfig, device: torch.device, ddp: Distributed, log: Callable[[str], None]
 ) -> None:
     """A new run's warm start: the weights of ``cfg.init_weights`` when it names a model."""
     if not cfg.init_weights:
@@ -417,9 +319,7 @@ def _apply_init_weights(
         log(f"weights from {cfg.init_weights}")
 
 
-def _restore(
-    session: _Session, state: dict[str, Any], ddp: _Distributed, out: Path, log: Callable[[str], None]
-) -> None:
+def _restore(session: _Session, state: dict[str, Any], ddp: Distributed, out: Path, log: Callable[[str], None]) -> None:
     """Put a checkpoint back into ``session``: weights, optimiser, loss scaler, step and this rank's random states."""
     session.model.load_state_dict(state["model"])
     session.optim.load_state_dict(state["optimizer"])
@@ -440,7 +340,7 @@ def _restore(
 
 
 def _train_step(
-    session: _Session, cfg: TrainConfig, device: torch.device, ddp: _Distributed, amp_dtype: torch.dtype | None
+    session: _Session, cfg: TrainConfig, device: torch.device, ddp: Distributed, amp_dtype: torch.dtype | None
 ) -> tuple[Callable[[torch.Tensor, torch.Tensor, torch.Generator], Any], list[float]]:
     """The run's step (DDP-wrapped under ``torchrun``) and the list it fills with every rank's loss.
 
@@ -478,7 +378,7 @@ def _train_step(
     return train_step, rank_losses
 
 
-def _save_checkpoint(session: _Session, cfg: TrainConfig, ddp: _Distributed, out: Path) -> None:
+def _save_checkpoint(session: _Session, cfg: TrainConfig, ddp: Distributed, out: Path) -> None:
     """Gather every rank's random states; rank 0 writes them with the weights to ``last.pt`` atomically."""
     ranks = ddp.gather(
         {
@@ -506,7 +406,7 @@ def _loop(
     session: _Session,
     cfg: TrainConfig,
     device: torch.device,
-    ddp: _Distributed,
+    ddp: Distributed,
     out: Path,
     train_step: Callable[[torch.Tensor, torch.Tensor, torch.Generator], Any],
     rank_losses: list[float],
@@ -514,15 +414,15 @@ def _loop(
 ) -> tuple[dict[str, float], bool]:
     """Step until ``cfg.iterations`` or a stop signal; returns the last logged metrics and whether it was stopped.
 
-    Rank 0 logs metrics (:class:`_MetricsLog`); checkpoints are written every
+    Rank 0 logs metrics (:class:`MetricsLog`); checkpoints are written every
     ``cfg.checkpoint_every`` steps. A non-finite loss saves the weights from
     before that step and raises GvslInputError.
     """
     batches = _batches(iter(session.dataset), cfg.batch_size, device)
-    metrics = _MetricsLog(out, session.step) if ddp.main else None
+    metrics = MetricsLog(out, session.step) if ddp.main else None
     interrupted = False
     session.model.train()
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         while session.step < cfg.iterations:
             if ddp.any(stop.set):
                 interrupted = True
@@ -547,40 +447,6 @@ def _loop(
         return {}, interrupted
     metrics.close()
     return metrics.last, interrupted
-
-
-class _MetricsLog:
-    """Rank 0's record of the run: rows of ``metrics.csv``, TensorBoard scalars when installed, and the speed.
-
-    ``it_per_s`` is the speed since the previous row; on resume the rows logged
-    after the checkpoint's step are dropped first.
-    """
-
-    def __init__(self, out: Path, step: int) -> None:
-        self.path = out / "metrics.csv"
-        _truncate_metrics(self.path, step)
-        self.writer = _tensorboard(out)
-        self.last: dict[str, float] = {}
-        self.start = time.perf_counter()
-        self.window_start, self.window_steps = self.start, 0
-
-    def count_step(self) -> None:
-        self.window_steps += 1
-
-    def record(self, step: int, values: dict[str, float]) -> None:
-        """Log ``values`` (loss terms and learning rate) at ``step`` with the speed and the elapsed time."""
-        now = time.perf_counter()
-        self.last = {**values, "it_per_s": self.window_steps / max(now - self.window_start, 1e-9)}
-        self.last["elapsed_s"] = now - self.start
-        self.window_start, self.window_steps = now, 0
-        _append_metrics(self.path, step, self.last)
-        if self.writer is not None:
-            for k, v in self.last.items():
-                self.writer.add_scalar(f"train/{k}", v, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 def _save_final_model(
@@ -693,36 +559,3 @@ def _batches(
     while True:
         b = make_batch(it, batch)
         yield b["x1"].to(device, non_blocking=True), b["x2"].to(device, non_blocking=True)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume drop rows logged after the checkpoint, so the CSV tells one story."""
-    if not path.is_file():
-        return
-    with path.open(newline="") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-
-    def write(p: str) -> None:
-        with open(p, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, METRIC_FIELDS)
-            w.writeheader()
-            w.writerows(rows)
-
-    atomic_write(path, write)
-
-
-def _append_metrics(path: Path, step: int, m: dict[str, float]) -> None:
-    new = not path.is_file()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, METRIC_FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow({"step": step, **{k: f"{m[k]:.6g}" for k in METRIC_FIELDS[1:]}})
-
-
-def _tensorboard(out: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard is an optional extra
-        return None
-    return SummaryWriter(str(out / "tensorboard"))

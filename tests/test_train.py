@@ -359,14 +359,14 @@ class RecordingProcessGroup:
 def test_every_collective_uses_a_backend_of_its_device(monkeypatch, device, carriers):
     """On GPUs the group carries DDP's CUDA gradients on NCCL and the loop's own CPU
     collectives on gloo: an NCCL-only group would reject the first stop-flag vote."""
-    from gvsl import train as training
+    from gvsl import train_processes
 
     group = RecordingProcessGroup(other_flag=1.0)
-    monkeypatch.setattr(training, "dist", group)
+    monkeypatch.setattr(train_processes, "dist", group)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    ddp = training._Distributed(torch.device(device))
+    ddp = train_processes.Distributed(torch.device(device))
     assert group.carriers() == carriers
     assert ddp.any(False) is True  # the other rank's vote reaches this one
     group.other_flag = 0.0
@@ -379,23 +379,31 @@ def test_every_collective_uses_a_backend_of_its_device(monkeypatch, device, carr
 
 
 def test_the_loop_calls_torch_distributed_only_through_its_collectives_class():
-    """Every collective of gvsl/train.py lives in ``_Distributed`` (checked above), none elsewhere."""
+    """Every collective of a training run lives in ``Distributed`` (checked above), none
+    elsewhere: not in the loop (gvsl/train.py), not beside the class."""
     import ast
 
     from gvsl import train as training
+    from gvsl import train_processes
 
-    tree = ast.parse(Path(training.__file__).read_text())
+    def dist_uses(tree: ast.AST) -> list[ast.Attribute]:
+        return [
+            node
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "dist"
+        ]
+
+    loop = ast.parse(Path(training.__file__).read_text())
+    assert not dist_uses(loop), "gvsl/train.py calls torch.distributed directly"
+    assert "torch.distributed" not in Path(training.__file__).read_text()
+    tree = ast.parse(Path(train_processes.__file__).read_text())
     inside = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ClassDef) and node.name == "_Distributed":
+        if isinstance(node, ast.ClassDef) and node.name == "Distributed":
             inside |= {id(n) for n in ast.walk(node)}
-    uses = [
-        node
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "dist"
-    ]
+    uses = dist_uses(tree)
     outside = [node.lineno for node in uses if id(node) not in inside]
-    assert len(uses) >= 6 and not outside, f"torch.distributed used outside _Distributed at lines {outside}"
+    assert len(uses) >= 6 and not outside, f"torch.distributed used outside Distributed at lines {outside}"
 
 
 # ----------------------------------------------------------------------------- non-finite loss
