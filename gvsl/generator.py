@@ -524,13 +524,30 @@ class SynthGenerator:
     def draw_pair(self, rng: np.random.Generator, shape: tuple[int, int, int] | None = None) -> tuple[Draw, Draw]:
         """Two draws of one label map around one centre: different deformations and
         artefacts, the same appearance model."""
+        return self._pair(rng, shape, cross_modal=False)
+
+    def draw_cross_modal_pair(
+        self, rng: np.random.Generator, shape: tuple[int, int, int] | None = None
+    ) -> tuple[Draw, Draw]:
+        """An MR-like and a CT-like draw of one label map around one centre (different
+        deformations, artefacts and intensities; the same flips): pairs on which
+        intensity similarity has to fail and a registration must match anatomy, for
+        evaluating CT <-> MR registration."""
+        return self._pair(rng, shape, cross_modal=True)
+
+    def _pair(
+        self, rng: np.random.Generator, shape: tuple[int, int, int] | None, cross_modal: bool
+    ) -> tuple[Draw, Draw]:
         shape = tuple(int(s) for s in (shape or self.shape))
         s, lm = self._label_map(rng, shape)
-        p_ct = float(self.sources[s].get("p_ct", self.appearance["p_ct"]))
-        look = self._appearance(lm, rng, p_ct)
+        if cross_modal:
+            first = self._appearance(lm, rng, 0.0)
+            second = {**self._appearance(lm, rng, 1.0), "flips": first["flips"]}
+        else:
+            first = second = self._appearance(lm, rng, float(self.sources[s].get("p_ct", self.appearance["p_ct"])))
         centre = lm.affine[:3, :3] @ lm.fg_index[int(rng.integers(len(lm.fg_index)))] + lm.affine[:3, 3]
-        a = self._draw(lm, look, centre, shape, rng)
-        b = self._draw(lm, look, centre, shape, rng)
+        a = self._draw(lm, first, centre, shape, rng)
+        b = self._draw(lm, second, centre, shape, rng)
         for d in (a, b):
             d.params["source"] = self.sources[s].get("name", self.sources[s]["kind"])
         return a, b

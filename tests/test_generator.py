@@ -126,6 +126,36 @@ def test_a_voxels_label_determines_its_intensity_and_the_pair_shares_it(tmp_path
     assert seen == {"ct", "mr"}  # p_ct 0.5: both appearances were checked
 
 
+def test_a_cross_modal_pair_is_one_anatomy_in_mr_and_in_ct(phantom_recipe):
+    """``draw_cross_modal_pair``: the first draw is MR-like, the second CT-like, each within
+    its modality's requested ranges, both of the same label map (its labels, its flips)
+    under different deformations; the plain pairs keep drawing exactly as before."""
+    recipe = load_recipe(phantom_recipe)
+    recipe["artefacts"] = {**CLEAN, "p_flip": [0.5, 0.5, 0.5]}
+    recipe["appearance"] = {"ct_std_hu": [0, 0], "mr_std": [0, 0], "gamma": [1, 1], "mr_mean": [0.4, 0.6]}
+    gen = SynthGenerator(recipe)
+    flips_seen = set()
+    for seed in range(6):
+        mr, ct = gen.draw_cross_modal_pair(np.random.default_rng(seed))
+        assert (mr.modality, ct.modality) == ("mr", "ct")
+        assert mr.params["flips"] == ct.params["flips"]
+        flips_seen.add(tuple(mr.params["flips"]))
+        for draw in (mr, ct):  # the map's labels (a small one may leave the crop)
+            labels = set(np.unique(draw.labels).tolist())
+            assert {0, 1, 2, 3} <= labels <= {0, 1, 2, 3, 4}, labels
+        assert not np.array_equal(mr.labels, ct.labels)  # two deformations
+        assert 0.0 <= mr.image.min() and mr.image.max() <= 0.6 + 1e-5  # MR means as requested
+        for v, cls in gen.maps[0][0].classes.items():  # CT values in their tissue's HU range
+            values = ct.image[ct.labels == v]
+            if values.size == 0:
+                continue
+            lo, hi = CT_HU[cls]
+            assert lo - 1e-3 <= values.min() and values.max() <= hi + 1e-3, (cls, values.min(), values.max())
+    assert len(flips_seen) > 1  # flips are drawn, and shared
+    a1, b1 = gen.draw_pair(np.random.default_rng(3))
+    assert a1.modality == b1.modality
+
+
 def test_labels_move_with_the_image(tmp_path):
     """With noise and blur on, voxels classified by the nearest label mean agree with the
     *warped* label map (Dice > 0.9) far better than with the label map left unwarped."""
