@@ -57,6 +57,7 @@ from gvsl.spatial import identity_grid
 
 __all__ = [
     "AffineStep",
+    "advance",
     "RefineConstants",
     "RefineSettings",
     "RefineStep",
@@ -309,7 +310,28 @@ def refine_step(
         constants = refine_constants(fixed, radius, update_taps, total_taps)
     grid, mean_f, s_ff, update_norm, total_norm = constants
     warped = sample_clamped(moving, grid + dvf)
-    update = smooth(cc_force(fixed, warped, radius, (mean_f, s_ff)), update_taps, update_norm)
+    force = cc_force(fixed, warped, radius, (mean_f, s_ff))
+    return advance(dvf, force, step, regularisation, iteration, reference, grid, update_taps, total_taps,
+                   update_norm, total_norm)  # fmt: skip
+
+
+def advance(
+    dvf: torch.Tensor,
+    force: torch.Tensor,
+    step: torch.Tensor,
+    regularisation: torch.Tensor,
+    iteration: torch.Tensor,
+    reference: torch.Tensor,
+    grid: torch.Tensor,
+    update_taps: torch.Tensor,
+    total_taps: torch.Tensor,
+    update_norm: torch.Tensor,
+    total_norm: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The part of an iteration that follows the similarity's ``force [1, 3, ...]`` (steps 3-5 of
+    the module docstring: smoothing, step control, composition, regularisation), whatever
+    similarity made the force; returns the new field and the reference length."""
+    update = smooth(force, update_taps, update_norm)
     length = torch.sqrt((update * update).sum(dim=1, keepdim=True))
     current = torch.clamp(length.mean(), min=MIN_REFERENCE).reshape(1)
     reference = torch.where(iteration.reshape(1) == 0, current, reference.reshape(1))
