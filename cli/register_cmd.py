@@ -28,7 +28,7 @@ from gvsl.cli.runtime_options import (
     SERVER_HELP,
     THREADS_HELP,
     choose_model,
-    modality_option,
+    register_modality_option,
 )
 from gvsl.runtime.refine_options import RefineOptions, format_levels, parse_levels
 
@@ -124,7 +124,13 @@ def register(
             "iteration (higher = smoother, less detail)."
         ),
     ] = REFINE_DEFAULTS.regularisation,
-    modality: Annotated[str, typer.Option(help=MODALITY_HELP)] = "auto",
+    modality: Annotated[
+        str,
+        typer.Option(
+            help=MODALITY_HELP + " FIXED,MOVING (e.g. mr,ct) sets each image's own, for a cross-modal pair; "
+            "with --server the server's setting applies."
+        ),
+    ] = "auto",
     backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "auto",
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     max_voxels: Annotated[int, typer.Option(help=MAX_VOXELS_HELP)] = MAX_VOXELS,
@@ -222,7 +228,7 @@ def _register_locally(
         max_voxels=max_voxels,
         threads=threads or 0,
         allow_cpu_fallback=allow_cpu_fallback,
-        modality=modality_option(modality),
+        modality=register_modality_option(modality),
     ) as reg:
         res = reg.register(fixed, moving, labels=labels or None, fixed_labels=fixed_labels or None)
     return res, reg.backend.name

@@ -52,6 +52,18 @@ def modality_option(text: str) -> str | None:
     return text
 
 
+def register_modality_option(text: str) -> str | tuple[str | None, str | None] | None:
+    """``gvsl register --modality``: one setting for both images, or ``FIXED,MOVING``
+    (``mr,ct``) for a cross-modal pair whose modalities ``auto`` cannot decide."""
+    parts = text.split(",")
+    if len(parts) == 1:
+        return modality_option(text)
+    if len(parts) != 2:
+        raise typer.BadParameter(f"--modality takes one setting or FIXED,MOVING (e.g. mr,ct), got {text!r}")
+    fixed, moving = (modality_option(part.strip()) for part in parts)
+    return fixed, moving
+
+
 def failure_line(e: BaseException) -> str:
     """Why one input of a batch failed, in one line of at most 300 characters: the message
     alone for the project's input errors (they say what to do), prefixed by the exception

@@ -99,13 +99,18 @@ def plan_levels(
 
 
 def _level_pair(
-    fixed: Volume, moving: Volume, cfg: PreprocessConfig, spacing: tuple[float, float, float], initial: np.ndarray
+    fixed: Volume,
+    moving: Volume,
+    cfg: PreprocessConfig,
+    spacing: tuple[float, float, float],
+    initial: np.ndarray,
+    moving_cfg: PreprocessConfig | None = None,
 ) -> tuple[Volume, np.ndarray]:
-    """Both volumes at ``spacing`` mm with the model's preprocessing; the moving one read on the
-    fixed level grid through the initial world map ``initial`` (fixed mm -> moving mm)."""
-    level_cfg = replace(cfg, spacing=tuple(spacing))
-    fixed_level = preprocess(fixed, level_cfg)
-    moving_level = preprocess(moving, level_cfg)
+    """Both volumes at ``spacing`` mm with the model's preprocessing (``moving_cfg`` for the
+    moving one where its modality differs); the moving one read on the fixed level grid through
+    the initial world map ``initial`` (fixed mm -> moving mm)."""
+    fixed_level = preprocess(fixed, replace(cfg, spacing=tuple(spacing)))
+    moving_level = preprocess(moving, replace(moving_cfg or cfg, spacing=tuple(spacing)))
     shape = fixed_level.data.shape
     if min(shape) < 2:
         raise GvslInputError(f"{fixed.source}: too small for a {max(spacing):g} mm refinement level; use finer levels")
@@ -127,12 +132,14 @@ def refine_initial_affine(
     cfg: PreprocessConfig,
     initial: np.ndarray,
     options: RefineOptions,
+    moving_cfg: PreprocessConfig | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Improve the initial world map ``initial`` (4x4, fixed mm -> moving mm) with the affine
     refinement graph on the ``affine_spacing`` grid (or the coarsest pyramid level, if coarser);
-    returns the new map and a report. The result is kept only if it raises the local CC."""
+    returns the new map and a report. The result is kept only if it raises the local CC.
+    ``moving_cfg`` preprocesses the moving volume where it differs from ``cfg``."""
     spacing, grid = plan_levels((max(options.affine_spacing, options.levels[0]),), fixed, cfg)[0]
-    fixed_level, moving_on_fixed = _level_pair(fixed, moving, cfg, grid, initial)
+    fixed_level, moving_on_fixed = _level_pair(fixed, moving, cfg, grid, initial, moving_cfg)
     feed = {
         "fixed": np.ascontiguousarray(fixed_level.data, dtype=np.float32)[None, None],
         "moving": np.ascontiguousarray(moving_on_fixed, dtype=np.float32)[None, None],
@@ -170,16 +177,18 @@ def refine_world_field(
     initial: np.ndarray,
     options: RefineOptions,
     timer: Callable[[str], Any] | None = None,
+    moving_cfg: PreprocessConfig | None = None,
 ) -> RefineResult:
     """Refine the world field ``field_mm`` (on grid ``field_affine``; ``None`` = none) between the
     original ``fixed`` and ``moving`` volumes, ``initial`` (4x4, fixed mm -> moving mm) being the
-    initial alignment the field is relative to."""
+    initial alignment the field is relative to; ``moving_cfg`` preprocesses the moving volume
+    where it differs from ``cfg``."""
     plan = plan_levels(options.levels, fixed, cfg)
     current, current_affine = field_mm, field_affine
     report: list[dict[str, Any]] = []
     from_network = field_mm is not None
     for index, (spacing, grid) in enumerate(plan):
-        fixed_level, moving_on_fixed = _level_pair(fixed, moving, cfg, grid, initial)
+        fixed_level, moving_on_fixed = _level_pair(fixed, moving, cfg, grid, initial, moving_cfg)
         shape = fixed_level.data.shape
         if current is None:
             start = np.zeros((3, *shape), dtype=np.float32)

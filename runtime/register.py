@@ -278,8 +278,11 @@ class Registrar:
     ``iterations=0`` = the network alone; default: :class:`RefineOptions`' defaults); ``refine_model``: the
     ``refine.onnx`` to run (default: the one beside ``model``, else the one
     shipped with gvsl). ``fill``: value outside the moving image's field of
-    view ("min" = its minimum, i.e. air/background). Extra keywords go to the
-    backends (``threads``, ``cache_dir``, ``max_shape`` ...).
+    view ("min" = its minimum, i.e. air/background). ``modality``: how both
+    images are normalised (auto, ct, mr, none; ``None`` = the model's own), or
+    a (fixed, moving) pair of them for a cross-modal pair that ``auto`` cannot
+    decide. Extra keywords go to the backends (``threads``, ``cache_dir``,
+    ``max_shape`` ...).
     """
 
     def __init__(
@@ -293,7 +296,7 @@ class Registrar:
         refine_model: str | os.PathLike[str] | Backend | None = None,
         fill: float | str = "min",
         max_voxels: int | None = DEFAULT_MAX_VOXELS,
-        modality: str | None = None,
+        modality: str | tuple[str | None, str | None] | None = None,
         **backend_options: Any,
     ) -> None:
         if init not in INITS:
@@ -333,8 +336,10 @@ class Registrar:
         self.init = init
         self.fill = fill
         self.max_voxels = max_voxels
-        #: the model's preprocessing with ``modality`` (auto, ct, mr, none) if given
-        self.preprocess = with_modality(self.info.preprocess, modality)
+        fixed_modality, moving_modality = modality if isinstance(modality, tuple) else (modality, modality)
+        #: the model's preprocessing of the fixed and of the moving image, with ``modality`` if given
+        self.preprocess = with_modality(self.info.preprocess, fixed_modality)
+        self.moving_preprocess = with_modality(self.info.preprocess, moving_modality)
 
     @property
     def info(self) -> ModelInfo:
@@ -393,15 +398,21 @@ class Registrar:
                 f"--fixed-labels: {len(reference_maps)} given for {len(label_maps)} --labels; give one fixed label "
                 "map per moving label map, in the same order"
             )
-        cfg = self.preprocess
-        fpre = preprocess(fvol, cfg)
-        mpre = preprocess(mvol, cfg)  # auto: each image is normalised as what it is
+        fpre = preprocess(fvol, self.preprocess)
+        mpre = preprocess(mvol, self.moving_preprocess)  # auto: each image is normalised as what it is
+        # what auto decided holds for every later grid (refinement levels, metrics)
+        cfg, moving_cfg = (
+            with_modality(self.preprocess, fpre.modality),
+            with_modality(self.moving_preprocess, mpre.modality),
+        )
         shift, init_used = initial_shift(init, fvol, mvol, fpre, mpre)
         initial = _translation(shift)  # fixed mm -> moving mm, before the network
         lap("read and preprocess")
         affine_report: dict[str, Any] = {}
         if self.affine_refiner is not None and options.enabled and options.affine_iterations > 0:
-            initial, affine_report = refine_initial_affine(self.affine_refiner, fvol, mvol, cfg, initial, options)
+            initial, affine_report = refine_initial_affine(
+                self.affine_refiner, fvol, mvol, cfg, initial, options, moving_cfg
+            )
             lap("refine affine")
 
         # moving onto the fixed model grid through world space (initial alignment); 0 = background
@@ -424,7 +435,16 @@ class Registrar:
         refinement: list[dict[str, Any]] = []
         if self.refiner is not None and options.enabled:
             result = refine_world_field(
-                self.refiner, fvol, mvol, cfg, field_mm, field_affine, initial, options, timer=lap
+                self.refiner,
+                fvol,
+                mvol,
+                cfg,
+                field_mm,
+                field_affine,
+                initial,
+                options,
+                timer=lap,
+                moving_cfg=moving_cfg,
             )
             field_mm, field_affine = result.dvf_mm, result.affine
             refinement = result.levels
@@ -448,8 +468,7 @@ class Registrar:
         vox[:3] = network_affine_to_voxel(matrix, fpad.shape, model_affine_convention(self.info.model))
         world_matrix = initial @ pad_affine @ vox @ np.linalg.inv(pad_affine)
 
-        fixed_cfg, moving_cfg = with_modality(cfg, fpre.modality), with_modality(cfg, mpre.modality)
-        fixed_n = normalize_intensity(fvol.data, fixed_cfg)
+        fixed_n = normalize_intensity(fvol.data, cfg)
         det = jacobian_determinant(dvf_mm, fvol.affine)
         jmin, folding = folding_stats(det)
         metrics = {

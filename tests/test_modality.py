@@ -157,3 +157,46 @@ def test_register_reports_each_images_modality(tmp_path):
     m = json.loads((tmp_path / "m.json").read_text())
     assert (m["modality_fixed"], m["modality_moving"]) == ("ct", "mr")
     assert "ct / mr" in res.output
+
+
+def test_register_takes_each_images_modality_for_a_pair_auto_cannot_decide(tmp_path):
+    """A CT without bone (no tissue tail above 100 HU) is undecidable for ``auto``: ``register``
+    says so in one line naming the file; ``--modality ct,mr`` registers it, reporting each
+    image's setting. On a pair auto can decide, naming what auto decides changes nothing."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from gvsl.cli.main import app
+    from gvsl.runtime.default_model import default_model_dir
+    from gvsl.runtime.register import Registrar
+
+    boneless = hu_phantom()[::2, ::2, ::2]
+    boneless[boneless > 100] = 40.0
+    ct = _save(tmp_path, "ct.nii.gz", boneless)
+    mr = _save(tmp_path, "mr.nii.gz", np.asarray(nib.load(SAMPLE_T1).dataobj)[::2, ::2, ::2])
+    runner = CliRunner()
+    res = runner.invoke(app, ["register", str(ct), str(mr), "-o", str(tmp_path / "w.nii.gz"), "--refine", "0"])
+    assert res.exit_code == 2 and "ct.nii.gz: --modality auto cannot decide" in res.output, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    assert not (tmp_path / "w.nii.gz").exists()
+    args = ["register", str(ct), str(mr), "-o", str(tmp_path / "w.nii.gz"), "--metrics", str(tmp_path / "m.json")]
+    res = runner.invoke(app, [*args, "--refine", "0", "--modality", "ct,mr"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert (m["modality_fixed"], m["modality_moving"]) == ("ct", "mr")
+    res = runner.invoke(app, [*args, "--modality", "ct,mr,mr"])
+    assert res.exit_code == 2 and "FIXED,MOVING" in res.output
+
+    ct_bone = _save(tmp_path, "ct_bone.nii.gz", hu_phantom()[::2, ::2, ::2])
+    options = {"refine": None}
+    with (
+        Registrar(default_model_dir(), modality="auto", **options) as auto,
+        Registrar(default_model_dir(), modality=("ct", "mr"), **options) as named,
+    ):
+        a, b = auto.register(ct_bone, mr), named.register(ct_bone, mr)
+    assert a.modalities == b.modalities == ("ct", "mr")
+    np.testing.assert_array_equal(a.warped, b.warped)
+    with Registrar(default_model_dir(), modality=("ct", "ct"), **options) as wrong:
+        c = wrong.register(ct_bone, mr)
+    assert c.modalities == ("ct", "ct") and not np.allclose(c.warped, a.warped)
