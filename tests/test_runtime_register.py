@@ -428,3 +428,24 @@ def test_overview_scales_each_scan_by_its_own_intensities(mni_small_arrays):
     np.testing.assert_allclose(m, f, atol=1e-5)
     np.testing.assert_allclose(w, f, atol=1e-5)
     assert 0.0 <= f.min() and f.max() <= 1.0 and (f == 1.0).mean() < 0.05  # only the top percent clips
+
+
+def test_the_network_grid_stretches_a_little_instead_of_padding_much():
+    """``network_spacing``: an axis a few voxels past a multiple of 16 gets voxels at most 10 %
+    larger so that resampling lands on that multiple (the chest CT's 98 x 98 x 85 model grid
+    becomes 96 x 96 x 80, not 112 x 112 x 96 after padding); multiples of 16 and axes that
+    would stretch more keep the model's spacing."""
+    from gvsl.runtime.preprocess import PreprocessConfig, preprocess, volume_from_array
+    from gvsl.runtime.register import network_spacing
+
+    assert network_spacing((4.0, 4.0, 4.0), (98, 96, 85)) == pytest.approx((4.0 * 98 / 96, 4.0, 4.0 * 85 / 80))
+    assert network_spacing((4.0, 4.0, 4.0), (20, 40, 15)) == (4.0, 4.0, 4.0)  # 25 %, 11 % and < 16: padded
+    stretched = 0
+    for voxels in range(30, 400, 3):  # resampling lands a stretched axis on the multiple below
+        vol = volume_from_array(np.zeros((voxels, 2, 2), np.float32), np.diag([1.3, 1.0, 1.0, 1.0]))
+        n = preprocess(vol, PreprocessConfig(spacing=(4.0, 4.0, 4.0), modality="none")).data.shape[0]
+        s = network_spacing((4.0, 4.0, 4.0), (n, 16, 16))[0]
+        shape = preprocess(vol, PreprocessConfig(spacing=(s, 4.0, 4.0), modality="none")).data.shape[0]
+        assert shape == (n // 16 * 16 if s != 4.0 else n), (voxels, n, s, shape)
+        stretched += s != 4.0
+    assert stretched > 20
