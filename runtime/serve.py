@@ -77,7 +77,19 @@ METRICS = ("ncc_before", "ncc_after", "jacobian_min", "folding_percent", "max_di
 LOG = logging.getLogger("gvsl.serve")
 #: starts of Triton before a startup failure is final (only PyTriton's handshake timeout is retried)
 STARTUP_ATTEMPTS = 3
-_HANDSHAKE_TIMEOUT = "Timeout occurred while waiting for config file"
+#: what a model stub's failed config handshake with this process leaves in Triton's log: the
+#: 1 s wait ran out, or the stub found the socket file but no one listening (seen under CI load)
+_HANDSHAKE_FAILURES = (
+    "Timeout occurred while waiting for config file",
+    "in get_config_from_handshake_server",
+)
+
+
+def handshake_failed(text: str) -> bool:
+    """Whether a failed Triton start is PyTriton's startup race: a model's stub could not fetch
+    its config from this process in time. Nothing is wrong with the models then, and starting
+    Triton again is all it takes; any other failure is final."""
+    return any(marker in text for marker in _HANDSHAKE_FAILURES)
 
 
 class RequestError(Exception):
@@ -434,11 +446,9 @@ def serve(opts: ServeOptions, on_ready: Callable[[dict[str, str]], None] | None 
                 if opts.log_file is not None and Path(opts.log_file).is_file():
                     logs += Path(opts.log_file).read_text(errors="replace")
                 why = _last_error_line(logs) if logs else " ".join(str(e).split())[:300]
-                if attempt < STARTUP_ATTEMPTS and _HANDSHAKE_TIMEOUT in logs + str(e):
-                    # PyTriton gives a model's stub 1 s to fetch its config from this process; on a
-                    # machine this loaded that can run out, and a second start is all it takes
+                if attempt < STARTUP_ATTEMPTS and handshake_failed(logs + str(e)):
                     LOG.warning(
-                        "Triton start %d: a model's handshake timed out (busy machine); starting again", attempt
+                        "Triton start %d: a model's config handshake failed (busy machine); starting again", attempt
                     )
                     triton.stop()
                     continue

@@ -778,3 +778,24 @@ def test_sigterm_stops_the_server_cleanly(server):
             break
         time.sleep(0.25)
     assert not leftover, f"processes outlived gvsl serve:\n{leftover}"
+
+
+def test_only_the_handshake_race_restarts_triton():
+    """A failed start is retried only when a model's stub could not fetch its config (the 1 s
+    wait ran out, or the socket refused it: both as Triton logged them); a model that fails to
+    load for any other reason stops the server at once."""
+    from gvsl.runtime.serve import handshake_failed
+
+    refused = (
+        "E1203 12:13:34.789158 21778 model_lifecycle.cc:642] failed to load gvsl_register version 1: Internal: "
+        "TritonModelException: Model initialize error: Traceback (most recent call last):\\n  File "
+        "/tmp/folderLndrNR/1/communication.py, line 550, in get_config_from_handshake_server\\n    "
+        "sock.connect(socket_path.as_posix())\\nConnectionRefusedError: [Errno 111] Connection refused"
+    )
+    timed_out = "TimeoutError: Timeout occurred while waiting for config file /tmp/x/handshake.sock"
+    other = (
+        "E1203 model_lifecycle.cc:642] failed to load gvsl_embed version 1: Internal: TritonModelException: "
+        "Model initialize error: ModuleNotFoundError: No module named gvsl"
+    )
+    assert handshake_failed(refused) and handshake_failed(timed_out)
+    assert not handshake_failed(other) and not handshake_failed("")
