@@ -39,7 +39,7 @@ from .nifti import VOLUME_SUFFIXES, load_volume, open_nifti, read_nifti, save_ni
 from .nifti_stream import stream_preprocess
 from .padding import Pads, pad_to_multiple, pad_to_shape, unpad
 from .preprocess_config import MODALITIES, PreprocessConfig, with_modality
-from .resampling import resample, resample_array, to_canonical
+from .resampling import resample, resample_array, resample_plan, to_canonical
 from .volume import Volume, volume_from_array, voxel_sizes
 
 
@@ -75,6 +75,18 @@ def preprocess(vol: Volume, cfg: PreprocessConfig) -> Volume:
     return Volume(data=out, affine=affine, source=vol.source, modality=modality)
 
 
+def preprocessed_shape(vol: Volume, cfg: PreprocessConfig) -> tuple[int, int, int]:
+    """The grid shape :func:`preprocess` gives ``vol`` under ``cfg``, without touching a voxel:
+    for choosing a grid (``network_spacing``) before the one resampling that is then run."""
+    shape, affine = tuple(int(n) for n in vol.data.shape[:3]), vol.affine
+    if cfg.canonical:
+        ornt = io_orientation(affine)
+        affine = affine @ inv_ornt_aff(ornt, shape)
+        shape = tuple(shape[int(np.flatnonzero(ornt[:, 0] == axis)[0])] for axis in range(3))
+    plan = resample_plan(shape, affine, cfg.spacing) if cfg.spacing is not None else None
+    return shape if plan is None else tuple(int(n) for n in plan[2])
+
+
 def load_preprocessed(
     path: str | os.PathLike[str], cfg: PreprocessConfig, max_voxels: int | None = None
 ) -> tuple[Volume, Volume]:
@@ -108,6 +120,7 @@ __all__ = [
     "pad_to_multiple",
     "pad_to_shape",
     "preprocess",
+    "preprocessed_shape",
     "resample",
     "resolve_modality",
     "save_nifti",

@@ -61,7 +61,7 @@ from .io import DEFAULT_MAX_VOXELS, VolumeLike, load_labels, read_volume, save_d
 from .metrics import folding_stats, jacobian_determinant, label_dice, ncc
 from .nifti import save_nifti
 from .padding import pad_to_multiple
-from .preprocess import preprocess
+from .preprocess import preprocess, preprocessed_shape
 from .preprocess_config import with_modality
 from .refine import RefineOptions, refine_initial_affine, refine_world_field
 from .volume import Volume
@@ -414,10 +414,11 @@ class Registrar:
                 f"--fixed-labels: {len(reference_maps)} given for {len(label_maps)} --labels; give one fixed label "
                 "map per moving label map, in the same order"
             )
-        fpre = preprocess(fvol, self.preprocess)
-        spacing = network_spacing(self.preprocess.spacing, fpre.data.shape) if self.preprocess.spacing else None
-        if spacing is not None and spacing != tuple(self.preprocess.spacing):
-            fpre = preprocess(fvol, replace(self.preprocess, spacing=spacing))  # the network's grid
+        network_cfg = self.preprocess  # the network's grid: the model's, stretched a little where that spares padding
+        if network_cfg.spacing is not None:
+            shape = preprocessed_shape(fvol, network_cfg)
+            network_cfg = replace(network_cfg, spacing=network_spacing(network_cfg.spacing, shape))
+        fpre = preprocess(fvol, network_cfg)
         mpre = preprocess(mvol, self.moving_preprocess)  # auto: each image is normalised as what it is
         # what auto decided holds for every later grid (refinement levels, metrics)
         cfg, moving_cfg = (

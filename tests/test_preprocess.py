@@ -574,3 +574,18 @@ def test_load_preprocessed_falls_back_and_reports_like_load_volume(tmp_path):
     (tmp_path / "cut.nii.gz").write_bytes(good.read_bytes()[:-4000])
     with pytest.raises(GvslInputError, match="cut.nii.gz.*(corrupt|truncated)"):
         P.load_preprocessed(tmp_path / "cut.nii.gz", cfg)
+
+
+def test_preprocessed_shape_is_the_shape_preprocess_gives():
+    """``preprocessed_shape`` predicts the preprocessed grid without resampling: flipped and
+    permuted axes, anisotropic voxels, native spacing and no reorientation alike."""
+    from gvsl.runtime.preprocess import preprocessed_shape
+
+    rng = np.random.default_rng(0)
+    permuted = np.array([[0.0, 0, -3.0, 10], [1.3, 0, 0, -4], [0, -0.9, 0, 2], [0, 0, 0, 1]])
+    for affine in (np.diag([0.8, 1.1, 3.0, 1.0]), permuted):
+        vol = volume_from_array(rng.random((37, 29, 11), dtype=np.float32), affine)
+        for cfg in (PreprocessConfig(spacing=(2.0, 2.0, 2.0), modality="none"),
+                    PreprocessConfig(spacing=(1.7, 2.3, 4.1), modality="none", canonical=False),
+                    PreprocessConfig(spacing=None, modality="none")):  # fmt: skip
+            assert preprocessed_shape(vol, cfg) == preprocess(vol, cfg).data.shape, (affine, cfg)
