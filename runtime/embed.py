@@ -182,7 +182,8 @@ class Embedder:
     tensorrt, torch; ``device``: auto, cpu, cuda, cuda:N. ``overlap`` of
     sliding windows (0 <= overlap < 1), ``window_batch`` windows per call,
     ``max_voxels`` per input volume. ``modality`` overrides the model's
-    normalisation (auto, ct, mr, none; None keeps the model's). ``embedding``:
+    normalisation (default "auto", as ``gvsl embed``: decided per volume; ct, mr, none;
+    None keeps the model's). ``embedding``:
     ``"standardised"`` (default: ``(raw - mean) / std`` with the model's
     statistics; raw with one warning when it has none) or ``"raw"`` (the pooled
     bottleneck); both are in every :class:`Embedding`. Extra keywords go
@@ -200,7 +201,7 @@ class Embedder:
         overlap: float = 0.5,
         window_batch: int = 1,
         max_voxels: int | None = DEFAULT_MAX_VOXELS,
-        modality: str | None = None,
+        modality: str | None = "auto",
         embedding: str = "standardised",
         **backend_options: Any,
     ) -> None:

@@ -28,7 +28,7 @@ class RefineOptions:
     update per iteration, in voxels of each level), ``regularisation`` (0..1: how far
     the total field is pulled towards its smoothed self each step) and ``similarity``."""
 
-    iterations: int = 40
+    iterations: int = 20
     levels: tuple[float, ...] = DEFAULT_LEVELS
     step: float = 0.5
     regularisation: float = 0.3

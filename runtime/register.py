@@ -295,7 +295,8 @@ class Registrar:
     ``refine.onnx`` to run (default: the one beside ``model``, else the one
     shipped with gvsl). ``fill``: value outside the moving image's field of
     view ("min" = its minimum, i.e. air/background). ``modality``: how both
-    images are normalised (auto, ct, mr, none; ``None`` = the model's own), or
+    images are normalised (default "auto", as ``gvsl register``: CT windowing or MR
+    percentiles, decided per image; ct, mr, none; ``None`` = the model's own), or
     a (fixed, moving) pair of them for a cross-modal pair that ``auto`` cannot
     decide. Extra keywords go to the backends (``threads``, ``cache_dir``,
     ``max_shape`` ...).
@@ -312,7 +313,7 @@ class Registrar:
         refine_model: str | os.PathLike[str] | Backend | None = None,
         fill: float | str = "min",
         max_voxels: int | None = DEFAULT_MAX_VOXELS,
-        modality: str | tuple[str | None, str | None] | None = None,
+        modality: str | tuple[str | None, str | None] | None = "auto",
         **backend_options: Any,
     ) -> None:
         if init not in INITS:

@@ -103,12 +103,12 @@ def test_standardisation_gives_the_known_numbers():
     np.testing.assert_array_equal(stats.standardise(np.array([3.0, 0.0, -1.0])), [1.0, -0.5, 0.0])
     # through the Embedder: 27 windows (overlap 0.5) of a 32^3 volume, each [3, 0, -2]: mean [3, 0, -2] -> [1, -0.5, -2]
     block = json.dumps({"mean": [1.0, 2.0, -1.0], "std": [2.0, 4.0, 0.5], "n": 7, "source": "test"})
-    emb = Embedder(_ConstantEncoder(np.array([3.0, 0.0, -2.0]), block))
+    emb = Embedder(_ConstantEncoder(np.array([3.0, 0.0, -2.0]), block), modality=None)
     res = emb.embed((np.zeros((32, 32, 32), np.float32), np.eye(4)))
     assert res.windows == 27 and res.standardised
     np.testing.assert_allclose(res.embedding, [1.0, -0.5, -2.0], rtol=0, atol=1e-6)
     np.testing.assert_array_equal(res.embedding_raw, [3.0, 0.0, -2.0])
-    raw = Embedder(_ConstantEncoder(np.array([3.0, 0.0, -2.0]), block), embedding="raw").embed(
+    raw = Embedder(_ConstantEncoder(np.array([3.0, 0.0, -2.0]), block), modality=None, embedding="raw").embed(
         (np.zeros((32, 32, 32), np.float32), np.eye(4))
     )
     assert not raw.standardised

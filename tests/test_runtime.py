@@ -326,7 +326,7 @@ def test_dense_features_land_on_the_input_grid_anisotropic_non_ras():
     shape = (30, 40, 20)
     data = _smooth_world_image(aff, shape)
     echo = EchoBackend(PreprocessConfig(spacing=(4.0, 4.0, 4.0), modality="none"), patch=(16, 16, 16))
-    res = Embedder(echo).embed((data, aff), dense=True)
+    res = Embedder(echo, modality=None).embed((data, aff), dense=True)
     assert res.features.shape == (1, *shape)
     np.testing.assert_array_equal(res.affine, aff)
     # voxels whose centre lies inside the 4 mm grid (the rest repeat its edge)
@@ -339,7 +339,7 @@ def test_dense_features_land_on_the_input_grid_anisotropic_non_ras():
     assert err[inside].mean() < 0.3 and err[inside].max() < 1.5 and err.mean() < 0.3, (err[inside].max(), err.mean())
     assert res.windows == 27  # RAS 4 mm grid 25 x 22 x 25 -> padded 32^3 -> 3 x 3 x 3 windows of 16^3
     # on the model grid the blended windows give back the preprocessed image exactly
-    model = Embedder(echo).embed((data, aff), dense=True, grid="model")
+    model = Embedder(echo, modality=None).embed((data, aff), dense=True, grid="model")
     np.testing.assert_allclose(model.features[0], pre.data, atol=1e-4)
     np.testing.assert_allclose(model.affine, pre.affine)
 
@@ -404,7 +404,7 @@ def test_dense_needs_the_features_output(tmp_path, tiny):
 
     out = tmp_path / "nodense"
     run_export(tiny[0], out, ExportOptions(verify=False, dense=False))
-    e = Embedder(out, device="cpu")
+    e = Embedder(out, device="cpu", modality=None)
     assert not e.has_dense
     assert e.embed((np.ones((20, 20, 20), np.float32), _aff())).embedding.shape == (32,)
     with pytest.raises(GvslInputError, match="without dense features"):
