@@ -97,13 +97,21 @@ def test_cc_force_points_along_the_shift():
     assert float(force[0, 0].sum()) > 10 * abs(float(force[0, 1].sum())) > 0
 
 
-def test_clamped_sampler_matches_between_eager_and_traced_paths():
+@pytest.mark.parametrize("channels", [1, 3])  # an image (lerps) and a field (shared corner weights)
+def test_clamped_sampler_matches_between_eager_and_traced_paths(channels):
     rng = np.random.default_rng(0)
-    src = torch.from_numpy(rng.random((1, 3, 9, 10, 11), dtype=np.float32))
+    src = torch.from_numpy(rng.random((1, channels, 9, 10, 11), dtype=np.float32))
     locs = identity_grid((9, 10, 11)) + torch.from_numpy(rng.normal(0, 2.0, (1, 3, 9, 10, 11)).astype(np.float32))
     eager = sample_clamped(src, locs)
     traced = torch.jit.trace(sample_clamped, (src, locs), check_trace=False)(src, locs)
+    assert traced.shape == (1, channels, 9, 10, 11)
     assert float((eager - traced).abs().max()) < 1e-5
+    # whole-voxel positions read the voxels themselves; past the far edge, the edge voxel
+    shifted = identity_grid((9, 10, 11))
+    shifted[:, 0] += 5.0
+    read = torch.jit.trace(sample_clamped, (src, shifted), check_trace=False)(src, shifted)
+    expected = src[:, :, torch.arange(9).add(5).clamp(max=8)]
+    assert float((read - expected).abs().max()) < 1e-6
 
 
 @pytest.fixture(scope="module")
