@@ -91,8 +91,12 @@ def resample_plan(
     return passes, scale, new_shape, new_affine
 
 
-def resample_axis(data: np.ndarray, axis: int, n_new: int, step: float, order: int) -> np.ndarray:
-    """1-D nearest/linear interpolation of ``data`` along ``axis`` at i*step, edge-clamped.
+def resample_axis(
+    data: np.ndarray, axis: int, n_new: int, step: float, order: int, offset: float = 0.0
+) -> np.ndarray:
+    """1-D nearest/linear interpolation of ``data`` along ``axis`` at ``offset + i * step``,
+    positions clamped into the axis (edge values outside; ``step`` may be negative, a flip).
+    Nearest keeps the dtype (labels keep their values); linear gives float32.
 
     The output is cut into pieces of about :data:`~gvsl.runtime.cpu_pool.CHUNK_VOXELS` voxels along another
     axis, so each piece's gathers and temporaries stay in the CPU cache, and the
@@ -100,19 +104,19 @@ def resample_axis(data: np.ndarray, axis: int, n_new: int, step: float, order: i
     arithmetic). The arithmetic per voxel does not depend on the cut.
     """
     n_old = data.shape[axis]
-    x = np.arange(n_new, dtype=np.float64) * step
+    x = np.clip(offset + np.arange(n_new, dtype=np.float64) * step, 0.0, n_old - 1.0)
     if order == 0:
         i0 = np.minimum(np.floor(x + 0.5).astype(np.intp), n_old - 1)
         i1 = w = None
     else:
-        i0 = np.minimum(np.floor(x).astype(np.intp), n_old - 1)
+        i0 = np.floor(x).astype(np.intp)
         i1 = np.minimum(i0 + 1, n_old - 1)
         wshape = [1, 1, 1]
         wshape[axis] = n_new
-        w = (x - i0).clip(0.0, 1.0).astype(np.float32).reshape(wshape)
+        w = (x - i0).astype(np.float32).reshape(wshape)
     out_shape = list(data.shape)
     out_shape[axis] = n_new
-    out = np.empty(out_shape, dtype=np.float32)
+    out = np.empty(out_shape, dtype=data.dtype if order == 0 else np.float32)
     split = 1 if axis == 0 else 0
 
     def work(start: int, stop: int) -> None:
