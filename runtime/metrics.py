@@ -45,33 +45,45 @@ def label_dice(warped: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     return out
 
 
-def jacobian_determinant(disp_mm: np.ndarray, affine: np.ndarray, slab_voxels: int = 1 << 20) -> np.ndarray:
+def jacobian_determinant(disp_mm: np.ndarray, affine: np.ndarray, slab_voxels: int = 1 << 18) -> np.ndarray:
     """det of the Jacobian of ``x -> x + d(x)`` at every voxel, float32 ``[X, Y, Z]``.
 
     ``disp_mm [3, X, Y, Z]`` in world mm on the grid ``affine``. Derivatives
     along array axes (central differences, one-sided at the border) are
     turned into world derivatives with the inverse of the affine's 3x3 part,
-    so anisotropic and oblique grids are handled. Computed in slabs (with a
-    one-voxel halo) to bound memory.
+    so anisotropic and oblique grids are handled. Computed in slabs along the
+    first axis (each with a one-voxel halo, so memory stays bounded) on the
+    runtime's CPU pool; the 3x3 determinant is written out (float64), several
+    times faster than a batched ``numpy.linalg.det``.
     """
+    from .cpu_pool import run_chunks
+
     d = np.asarray(disp_mm)
     inv = np.linalg.inv(np.asarray(affine, dtype=np.float64)[:3, :3])
     n0 = d.shape[1]
     slab = max(1, slab_voxels // max(1, d.shape[2] * d.shape[3]))
     out = np.empty(d.shape[1:], dtype=np.float32)
-    for a in range(0, n0, slab):
-        b = min(a + slab, n0)
+
+    def work(a: int, b: int) -> None:
         lo, hi = max(0, a - 1), min(n0, b + 1)
-        part = d[:, lo:hi].astype(np.float64)
-        # jac[c, k] = d d_c / d index_k (every axis has >= 2 voxels: inputs are validated 3-D)
-        jac = np.stack([np.stack(np.gradient(part[c])) for c in range(3)])
-        # chain rule to world coordinates: d d_c / d x_j = sum_k jac[c, k] * inv[k, j]
-        world = np.einsum("ck...,kj->cj...", jac, inv)
-        world[0, 0] += 1.0
-        world[1, 1] += 1.0
-        world[2, 2] += 1.0
-        det = np.linalg.det(np.moveaxis(world, (0, 1), (-2, -1)))
-        out[a:b] = det[a - lo : a - lo + (b - a)]
+        keep = slice(a - lo, a - lo + (b - a))
+        # grad[c][k] = d d_c / d index_k (every axis has >= 2 voxels: inputs are validated 3-D)
+        grad = [[g[keep] for g in np.gradient(d[c, lo:hi].astype(np.float64))] for c in range(3)]
+        # chain rule to world coordinates, plus the identity: j[c][i] = delta_ci + sum_k grad[c][k] inv[k, i]
+        j = [[None] * 3 for _ in range(3)]
+        for c in range(3):
+            for i in range(3):
+                acc = np.full(grad[c][0].shape, 1.0 if c == i else 0.0)
+                for k in range(3):
+                    if inv[k, i] != 0.0:
+                        acc += grad[c][k] * inv[k, i]
+                j[c][i] = acc
+        det = j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+        det -= j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+        det += j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0])
+        out[a:b] = det
+
+    run_chunks(work, [(a, min(a + slab, n0)) for a in range(0, n0, slab)], out.size)
     return out
 
 
