@@ -83,7 +83,7 @@ def sample(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     shape = sources[0].shape
-    flat = [np.ravel(s) for s in sources]
+    flat = [np.ravel(s) for s in sources]  # views of C-ordered sources; callers make them so once
     pts = coords.reshape(3, -1)
     hi = np.asarray(shape, dtype=np.float64) - 1.0
     inside = None
@@ -169,7 +169,7 @@ def resample_to_grid(
         for c in range(flat.shape[0]):
             out[c] = _separable(flat[c], m, shape, order, mode, cval)
         return out.reshape(*lead, *shape)
-    channels = [flat[c] for c in range(flat.shape[0])]
+    channels = [np.ascontiguousarray(flat[c]) for c in range(flat.shape[0])]  # nibabel gives Fortran order
 
     def work(start: int, stop: int) -> None:
         read = sample(channels, _mapped_grid(m, shape, start, stop), order, mode, cval)
@@ -209,7 +209,8 @@ def warp_by_displacement(
     m[:3, 3] += inv[:3, :3] @ shift
     out_dtype = src.dtype if order == 0 else np.float32
     out = np.empty(shape, dtype=out_dtype)
-    source = src if order == 0 else np.asarray(src, dtype=np.float32)
+    # C order once, not a copy per piece (nibabel's arrays are Fortran-ordered)
+    source = np.ascontiguousarray(src if order == 0 else np.asarray(src, dtype=np.float32))
 
     def work(start: int, stop: int) -> None:
         coords = _mapped_grid(m, shape, start, stop)
