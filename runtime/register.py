@@ -234,14 +234,22 @@ def network_spacing(spacing: Sequence[float], shape: Sequence[int], stretch: flo
 
 def compose_initial(initial: np.ndarray, field_mm: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """The total pull-back field ``x -> initial(x + d(x)) - x`` on the grid ``affine`` of ``d``
-    (``field_mm [3, *shape]``, relative to the initially aligned moving image)."""
+    (``field_mm [3, *shape]``, relative to the initially aligned moving image):
+    ``L d(x) + (L - I) x + t`` for ``initial = [L | t]``, with ``x`` built per channel from three
+    broadcast 1-D ranges (no ``[3, *shape]`` coordinate array)."""
     linear = np.asarray(initial, dtype=np.float64)[:3, :3]
     out = np.einsum("ij,j...->i...", linear.astype(np.float32), field_mm).astype(np.float32)
     if np.allclose(linear, np.eye(3), atol=1e-12):
         return out + np.asarray(initial[:3, 3], dtype=np.float32).reshape(3, 1, 1, 1)
-    world = grid_world_coordinates(affine, field_mm.shape[1:])
-    moved = np.einsum("ij,j...->i...", linear - np.eye(3), world) + np.asarray(initial[:3, 3]).reshape(3, 1, 1, 1)
-    return out + moved.astype(np.float32)
+    grid = np.asarray(affine, dtype=np.float64)
+    coeff = (linear - np.eye(3)) @ grid[:3, :3]  # (L - I) x = coeff @ index + offset
+    offset = (linear - np.eye(3)) @ grid[:3, 3] + np.asarray(initial[:3, 3], dtype=np.float64)
+    axes = [np.arange(n, dtype=np.float64) for n in field_mm.shape[1:]]
+    for k in range(3):
+        out[k] += (coeff[k, 0] * axes[0]).astype(np.float32).reshape(-1, 1, 1)
+        out[k] += (coeff[k, 1] * axes[1]).astype(np.float32).reshape(1, -1, 1)
+        out[k] += (coeff[k, 2] * axes[2] + offset[k]).astype(np.float32).reshape(1, 1, -1)
+    return out
 
 
 def score_labels(

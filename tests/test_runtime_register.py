@@ -449,3 +449,19 @@ def test_the_network_grid_stretches_a_little_instead_of_padding_much():
         assert shape == (n // 16 * 16 if s != 4.0 else n), (voxels, n, s, shape)
         stretched += s != 4.0
     assert stretched > 20
+
+
+def test_compose_initial_with_a_rotation_is_the_composed_world_map():
+    """``initial(x + d(x)) - x`` for an initial map with a linear part, on an oblique grid."""
+    from gvsl.runtime.register import compose_initial
+    from gvsl.runtime.warp import grid_world_coordinates
+
+    rng = np.random.default_rng(1)
+    aff = np.array([[0, 0, -1.5, 10], [0.9, 0.3, 0, 0], [0.2, -1.1, 0, 3], [0, 0, 0, 1.0]])
+    initial = np.eye(4)
+    initial[:3, :3] = np.linalg.qr(np.eye(3) + 0.05 * rng.normal(size=(3, 3)))[0]
+    initial[:3, 3] = (4.0, -2.0, 7.0)
+    field = rng.normal(0, 2, (3, 20, 18, 16)).astype(np.float32)
+    x = grid_world_coordinates(aff, field.shape[1:])
+    expected = np.einsum("ij,j...->i...", initial[:3, :3], x + field) + initial[:3, 3].reshape(3, 1, 1, 1) - x
+    np.testing.assert_allclose(compose_initial(initial, field, aff), expected, rtol=0, atol=1e-4)
