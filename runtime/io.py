@@ -25,7 +25,7 @@ import numpy as np
 from .atomic import atomic_write, save_text
 from .dicom import is_dicom_folder, load_dicom_series
 from .errors import GvslInputError
-from .nifti import has_volume_suffix, load_volume
+from .nifti import has_volume_suffix, load_volume, write_image
 from .volume import Volume, check_voxels, volume_from_array
 
 __all__ = [
@@ -214,7 +214,7 @@ def save_vector_nifti(
     img.set_qform(affine, code=1)
     img.header.set_intent(intent)
     img.header.set_xyzt_units("mm")
-    return atomic_write(path, lambda tmp: nib.save(img, tmp))
+    return atomic_write(path, lambda tmp: write_image(img, tmp))
 
 
 def save_displacement_field(path: str | os.PathLike[str], dvf_mm_ras: np.ndarray, affine: np.ndarray) -> Path:
