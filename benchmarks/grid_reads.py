@@ -71,7 +71,8 @@ def main() -> None:
 
     cases = [
         ("field to scan grid, axis-aligned (3 ch)",
-         lambda: resample_to_grid(field, model_affine, scan_affine, shape), lambda: scipy_resample(field, model_affine)),
+         lambda: resample_to_grid(field, model_affine, scan_affine, shape),
+         lambda: scipy_resample(field, model_affine)),
         ("field to scan grid, rotated 10 deg (3 ch)",
          lambda: resample_to_grid(field, rotated, scan_affine, shape), lambda: scipy_resample(field, rotated)),
         ("image through a field (linear)",

@@ -15,10 +15,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-from nibabel.orientations import apply_orientation, io_orientation
+from nibabel.orientations import apply_orientation
 
 from .errors import GvslInputError
 from .io import atomic_write
+from .resampling import canonical_geometry
 from .volume import voxel_sizes
 
 __all__ = ["checkerboard", "display_scaled", "save_registration_png"]
@@ -73,9 +74,9 @@ def save_registration_png(
         from matplotlib.figure import Figure
     except ImportError:
         raise GvslInputError("--png needs matplotlib: pip install 'gvsl[viz]'") from None
-    ornt = io_orientation(affine)
+    ornt, _, ras_affine = canonical_geometry(np.shape(fixed), affine)
     ras = [apply_orientation(np.asarray(v, dtype=np.float32), ornt) for v in (fixed, moving, warped)]
-    spacing = voxel_sizes(affine)[np.argsort(ornt[:, 0])]
+    spacing = voxel_sizes(ras_affine)
     ras = display_scaled(*ras)
     lo, hi = 0.0, 1.0
     cols = ["fixed", "moving", "warped", "checkerboard fixed/warped"]

@@ -18,14 +18,14 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
+from nibabel.orientations import apply_orientation
 
 from .cpu_pool import PARALLEL_MIN_VOXELS
 from .intensity import normalize_intensity, resolve_modality
 from .layout import to_c_float32
 from .nifti import DIRECT_DTYPES, is_unscaled
 from .preprocess_config import PreprocessConfig
-from .resampling import resample_axis, resample_plan
+from .resampling import RAS_ORNT, canonical_geometry, resample_axis, resample_plan
 from .volume import Volume
 
 #: Bytes of stored voxels per streamed slab: big enough for the resampling threads,
@@ -55,10 +55,9 @@ def stream_preprocess(
         return None
     if dtype.name not in DIRECT_DTYPES or int(np.prod(shape3)) < PARALLEL_MIN_VOXELS:
         return None
-    ornt = io_orientation(aff) if cfg.canonical else np.array([[0, 1], [1, 1], [2, 1]])
+    ornt, _, affine = canonical_geometry(shape3, aff) if cfg.canonical else (RAS_ORNT, shape3, aff)
     if not np.array_equal(ornt[:, 0], [0, 1, 2]):
         return None  # a permuted axis order: the slabs would not be slabs of the output
-    affine = aff @ inv_ornt_aff(ornt, shape3)
     rev = np.eye(4)[[2, 1, 0, 3]]
     plan = resample_plan(shape3[::-1], affine @ rev, tuple(cfg.spacing)[::-1])
     if plan is None or plan[0] == [0]:

@@ -30,7 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
+from nibabel.orientations import apply_orientation
 
 from .errors import GvslInputError
 from .intensity import normalize_intensity, resolve_modality
@@ -39,7 +39,7 @@ from .nifti import VOLUME_SUFFIXES, load_volume, open_nifti, read_nifti, save_ni
 from .nifti_stream import stream_preprocess
 from .padding import Pads, pad_to_multiple, pad_to_shape, unpad
 from .preprocess_config import MODALITIES, PreprocessConfig, with_modality
-from .resampling import resample, resample_array, resample_plan, to_canonical
+from .resampling import RAS_ORNT, canonical_geometry, resample, resample_array, resample_plan, to_canonical
 from .volume import Volume, volume_from_array, voxel_sizes
 
 
@@ -54,9 +54,8 @@ def preprocess(vol: Volume, cfg: PreprocessConfig) -> Volume:
     """
     data, affine = vol.data, vol.affine
     if cfg.canonical:  # flips / transposes as a view: the resampling below reads it in place
-        ornt = io_orientation(affine)
-        if not np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
-            affine = affine @ inv_ornt_aff(ornt, data.shape)
+        ornt, _, affine = canonical_geometry(data.shape, affine)
+        if ornt is not RAS_ORNT:
             data = apply_orientation(data, ornt)
     if cfg.spacing is not None:
         if x_fastest(data):
@@ -80,9 +79,7 @@ def preprocessed_shape(vol: Volume, cfg: PreprocessConfig) -> tuple[int, int, in
     for choosing a grid (``network_spacing``) before the one resampling that is then run."""
     shape, affine = tuple(int(n) for n in vol.data.shape[:3]), vol.affine
     if cfg.canonical:
-        ornt = io_orientation(affine)
-        affine = affine @ inv_ornt_aff(ornt, shape)
-        shape = tuple(shape[int(np.flatnonzero(ornt[:, 0] == axis)[0])] for axis in range(3))
+        _, shape, affine = canonical_geometry(shape, affine)
     plan = resample_plan(shape, affine, cfg.spacing) if cfg.spacing is not None else None
     return shape if plan is None else tuple(int(n) for n in plan[2])
 

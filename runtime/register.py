@@ -65,7 +65,7 @@ from .preprocess import preprocess, preprocessed_shape
 from .preprocess_config import with_modality
 from .refine import RefineOptions, refine_initial_affine, refine_world_field
 from .volume import Volume
-from .warp import grid_world_coordinates, resample_to_grid, warp_by_displacement
+from .warp import resample_to_grid, warp_by_displacement
 from .windows import SIZE_MULTIPLE
 
 __all__ = [

@@ -14,15 +14,32 @@ from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 from .cpu_pool import CHUNK_VOXELS, run_chunks
 from .volume import Volume, voxel_sizes
 
+#: the orientation of a grid that is already RAS+ (nibabel's ``ornt`` form)
+RAS_ORNT = np.array([[0, 1], [1, 1], [2, 1]])
+
+
+def canonical_geometry(
+    shape: tuple[int, ...], affine: np.ndarray
+) -> tuple[np.ndarray, tuple[int, int, int], np.ndarray]:
+    """The RAS+ closest-canonical grid of a volume, without touching a voxel: ``(ornt, shape,
+    affine)`` with ``ornt`` for ``nibabel.orientations.apply_orientation`` (flips / axis
+    permutations only). The one place every caller (preprocessing, the shape it gives, the
+    refinement's native spacing, streaming reads, figures) gets that grid from."""
+    shape3 = tuple(int(n) for n in shape[:3])
+    ornt = io_orientation(affine)
+    if np.array_equal(ornt, RAS_ORNT):
+        return RAS_ORNT, shape3, np.asarray(affine)
+    ras_shape = tuple(shape3[int(np.flatnonzero(ornt[:, 0] == axis)[0])] for axis in range(3))
+    return ornt, ras_shape, affine @ inv_ornt_aff(ornt, shape3)  # type: ignore[return-value]
+
 
 def to_canonical(vol: Volume) -> Volume:
     """Reorient to RAS+ closest canonical (flips / axis permutations only, no
     interpolation); identical to ``nibabel.as_closest_canonical``."""
-    ornt = io_orientation(vol.affine)
-    if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
+    ornt, _, affine = canonical_geometry(vol.data.shape, vol.affine)
+    if ornt is RAS_ORNT:
         return vol
     data = np.ascontiguousarray(apply_orientation(vol.data, ornt))
-    affine = vol.affine @ inv_ornt_aff(ornt, vol.data.shape)
     return Volume(data=data, affine=affine, source=vol.source)
 
 
@@ -141,4 +158,12 @@ def resample_axis(
     return out
 
 
-__all__ = ["resample", "resample_array", "resample_axis", "resample_plan", "to_canonical"]
+__all__ = [
+    "RAS_ORNT",
+    "canonical_geometry",
+    "resample",
+    "resample_array",
+    "resample_axis",
+    "resample_plan",
+    "to_canonical",
+]

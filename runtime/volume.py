@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .errors import GvslInputError
+from .geometry import voxel_spacing
 
 
 @dataclass
@@ -36,8 +37,9 @@ class Volume:
 
 
 def voxel_sizes(affine: np.ndarray) -> np.ndarray:
-    """Voxel size along each array axis = norm of the affine's 3x3 columns."""
-    return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+    """Voxel size along each array axis = norm of the affine's 3x3 columns, as an array
+    (:func:`gvsl.runtime.geometry.voxel_spacing`, which gives them as floats)."""
+    return np.asarray(voxel_spacing(affine), dtype=np.float64)
 
 
 def volume_from_array(data: Any, affine: Any, source: str = "<array>") -> Volume:

@@ -126,7 +126,8 @@ def test_embed_decides_per_volume_reports_it_and_can_be_overridden(tmp_path):
     assert str(np.load(tmp_path / "out" / "mr.npz")["modality"]) == "mr"
     assert "ct 1, mr 1" in res.output  # the summary table counts the decisions
     # auto = the modality it decided, and an override changes the input the encoder sees
-    with Embedder(default_model_dir(), modality=None) as model_own, Embedder(default_model_dir(), modality="ct") as forced:
+    model_dir = default_model_dir()
+    with Embedder(model_dir, modality=None) as model_own, Embedder(model_dir, modality="ct") as forced:
         assert model_own.preprocess.modality == "mr"  # the shipped model was trained on MR
         e_auto = np.load(tmp_path / "out" / "ct.npz")["embedding"]
         assert not np.allclose(model_own.embed(ct).embedding, e_auto, atol=1e-4)  # MR percentiles on a CT differ

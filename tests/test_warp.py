@@ -28,7 +28,7 @@ GRIDS = {
     # a finer grid shifted by a fraction of a voxel and reaching past the source: the separable path
     "axis-aligned": (_affine(0.0, (1.5, 2.0, 2.0), (-13.3, 1.1, 5.2)), (26, 19, 18)),
     # flipped first axis, shifted past the source's far edge: still axis-aligned, negative step
-    "flipped": (np.diag([-2.0, 2.5, 3.0, 1.0]) + np.array([[0, 0, 0, 23.1], [0, 0, 0, 4.7], [0, 0, 0, 7.0], [0, 0, 0, 0]]), (18, 13, 11)),
+    "flipped": (np.diag([-2.0, 2.5, 3.0, 1.0]) + np.pad([[23.1], [4.7], [7.0]], ((0, 1), (3, 0))), (18, 13, 11)),
     # rotated 20 degrees: the gather path
     "oblique": (_affine(20.0, (2.2, 2.2, 2.9), (-6.0, -3.0, 8.0)), (15, 14, 12)),
 }
