@@ -14,8 +14,10 @@ from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 from .cpu_pool import CHUNK_VOXELS, run_chunks
 from .volume import Volume, voxel_sizes
 
-#: the orientation of a grid that is already RAS+ (nibabel's ``ornt`` form)
+#: the orientation of a grid that is already RAS+ (nibabel's ``ornt`` form); read-only, as
+#: :func:`canonical_geometry` returns this very array for such grids
 RAS_ORNT = np.array([[0, 1], [1, 1], [2, 1]])
+RAS_ORNT.setflags(write=False)
 
 
 def canonical_geometry(

@@ -127,7 +127,9 @@ def _axis_aligned(m: np.ndarray) -> bool:
     return bool(np.allclose(lin, np.diag(np.diag(lin)), atol=1e-9))
 
 
-def _separable(data: np.ndarray, m: np.ndarray, dst_shape: tuple[int, ...], order: int, mode: str, cval: float):
+def _separable(
+    data: np.ndarray, m: np.ndarray, dst_shape: tuple[int, ...], order: int, mode: str, cval: float
+) -> np.ndarray:
     """``data`` read at ``diag(m) * i + m[:3, 3]`` per axis by three 1-D passes; ``constant``
     marks positions outside the source (per axis) with ``cval`` afterwards."""
     out = data
