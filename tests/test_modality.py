@@ -132,6 +132,9 @@ def test_embed_decides_per_volume_reports_it_and_can_be_overridden(tmp_path):
         e_auto = np.load(tmp_path / "out" / "ct.npz")["embedding"]
         assert not np.allclose(model_own.embed(ct).embedding, e_auto, atol=1e-4)  # MR percentiles on a CT differ
         assert np.allclose(forced.embed(ct).embedding, e_auto, atol=1e-5)
+    with Embedder(model_dir) as default:  # the Python default is auto, as the CLI's
+        e_default = default.embed(ct)
+        assert e_default.modality == "ct" and np.allclose(e_default.embedding, e_auto, atol=1e-5)
     # a volume auto cannot decide: one line naming it and the override; --modality mr embeds it
     (tmp_path / "odd").mkdir()
     odd = _save(tmp_path / "odd", "zscored.nii.gz", np.random.default_rng(0).standard_normal((24, 24, 24)))
@@ -192,7 +195,7 @@ def test_register_takes_each_images_modality_for_a_pair_auto_cannot_decide(tmp_p
     ct_bone = _save(tmp_path, "ct_bone.nii.gz", hu_phantom()[::2, ::2, ::2])
     options = {"refine": None}
     with (
-        Registrar(default_model_dir(), modality="auto", **options) as auto,
+        Registrar(default_model_dir(), **options) as auto,  # the default: auto, as the CLI
         Registrar(default_model_dir(), modality=("ct", "mr"), **options) as named,
     ):
         a, b = auto.register(ct_bone, mr), named.register(ct_bone, mr)
