@@ -58,7 +58,7 @@ from .errors import GvslInputError
 from .geometry import dvf_voxel_to_mm, model_affine_convention, network_affine_to_voxel
 from .intensity import normalize_intensity
 from .io import DEFAULT_MAX_VOXELS, VolumeLike, load_labels, read_volume, save_displacement_field
-from .metrics import folding_stats, jacobian_determinant, label_dice, ncc
+from .metrics import folding_stats, jacobian_determinant, label_dice, max_displacement, ncc
 from .nifti import save_nifti
 from .padding import pad_to_multiple
 from .preprocess import preprocess, preprocessed_shape
@@ -505,7 +505,7 @@ class Registrar:
             "ncc_after": ncc(fixed_n, normalize_intensity(warped, moving_cfg)),
             "jacobian_min": jmin,
             "folding_percent": folding,
-            "max_displacement_mm": float(np.sqrt((dvf_mm.astype(np.float64) ** 2).sum(axis=0)).max()),
+            "max_displacement_mm": max_displacement(dvf_mm),
         }
         dice_scores = score_labels(warped_labels, label_maps, reference_maps, fvol)
         metrics.update({f"dice_mean[{Path(name).name}]": scores["mean"] for name, scores in dice_scores.items()})

@@ -35,7 +35,7 @@ from gvsl.cli.main import app
 from gvsl.runtime import GvslInputError
 from gvsl.runtime.backends import Backend, ModelInfo
 from gvsl.runtime.io import read_volume
-from gvsl.runtime.metrics import dice, folding_stats, jacobian_determinant, ncc
+from gvsl.runtime.metrics import dice, folding_stats, jacobian_determinant, max_displacement, ncc
 from gvsl.runtime.preprocess import PreprocessConfig, pad_to_multiple, preprocess
 from gvsl.runtime.register import RefineOptions, Registrar, network_affine_to_voxel
 
@@ -293,6 +293,17 @@ def test_metrics_on_known_fields():
     a = rng.random((10, 12, 8))
     assert ncc(a, 3 * a + 2) == pytest.approx(1.0) and ncc(a, -a) == pytest.approx(-1.0)
     assert ncc(a, np.ones_like(a)) == 0.0
+    # chunked sums agree with the textbook formula, masked too, on a volume bigger than one chunk
+    big = rng.random((130, 100, 90)).astype(np.float32)
+    other = big + 0.5 * rng.random(big.shape).astype(np.float32)
+    mask = big > 0.3
+    for m in (None, mask):
+        x, y = (big.astype(np.float64), other.astype(np.float64)) if m is None else (big[m] * 1.0, other[m] * 1.0)
+        r = np.corrcoef(x.ravel(), y.ravel())[0, 1]
+        assert ncc(big, other, m) == pytest.approx(r, abs=1e-9)
+    field = np.zeros((3, 4, 5, 6), np.float32)
+    field[:, 1, 2, 3] = (3.0, 0.0, -4.0)  # one 5 mm vector
+    assert max_displacement(field) == pytest.approx(5.0)
     assert dice(a > 0.5, a > 0.5) == 1.0 and dice(a > 2, a > 2) == 1.0
     assert dice(np.eye(4, dtype=bool), ~np.eye(4, dtype=bool)) == 0.0
     aff = np.array([[0.0, 2.0, 0.0, 1.0], [-3.0, 0.0, 0.0, 2.0], [0.0, 0.0, 4.0, 3.0], [0, 0, 0, 1]])
