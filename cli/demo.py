@@ -85,10 +85,11 @@ def save_field_png(path: Path, dvf_mm: np.ndarray, affine: np.ndarray, title: st
     determinant map, on the central axial, coronal and sagittal slices (RAS data)."""
     from gvsl.runtime.io import atomic_write
     from gvsl.runtime.metrics import jacobian_determinant
+    from gvsl.runtime.volume import voxel_sizes
 
     Figure, Canvas = _figure()
     det = jacobian_determinant(dvf_mm, affine)
-    sp = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    sp = voxel_sizes(affine)
     d_vox = dvf_mm / sp.reshape(3, 1, 1, 1)  # displacement in voxels (axis-aligned grids)
     cx, cy, cz = (s // 2 for s in det.shape)
     planes = [

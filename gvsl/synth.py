@@ -29,6 +29,7 @@ from scipy import ndimage
 
 from gvsl.runtime.atomic import save_text
 from gvsl.runtime.errors import GvslInputError
+from gvsl.runtime.geometry import voxel_spacing
 from gvsl.runtime.preprocess import Volume, load_volume, resample, save_nifti
 from gvsl.runtime.warp import grid_world_coordinates, warp_by_displacement
 
@@ -189,7 +190,7 @@ def load_template(
         raise GvslInputError(f"{src}: volume is empty (all zero); give a real scan", src)
     hi = float(np.percentile(data[fg], 99.5))
     data = np.clip(data / max(hi, 1e-6), 0.0, 1.0)
-    sp = float(np.mean(np.sqrt((vol.affine[:3, :3] ** 2).sum(axis=0))))
+    sp = float(np.mean(voxel_spacing(vol.affine)))
     box = _crop_box(fg, int(round(margin_mm / sp)))
     return Template(
         image=np.ascontiguousarray(data[box]),
@@ -244,7 +245,7 @@ def random_displacement(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Pull-back displacement ``[3, X, Y, Z]`` in RAS mm: an elastic field, then a
     random affine about the grid centre, ``d(x) = A (x + e(x) - c) + c + t - x``."""
-    sp = float(np.mean(np.sqrt((affine[:3, :3] ** 2).sum(axis=0))))
+    sp = float(np.mean(voxel_spacing(affine)))
     peak = rng.uniform(0.5, 1.0) * cfg.elastic_mm
     elastic = _smooth_noise(shape, cfg.elastic_sigma_mm / sp, rng, 3) * np.float32(peak)
     ang = np.deg2rad(rng.uniform(-cfg.rotation_deg, cfg.rotation_deg, 3))
