@@ -65,7 +65,7 @@ from .preprocess import preprocess, preprocessed_shape
 from .preprocess_config import with_modality
 from .refine import RefineOptions, refine_initial_affine, refine_world_field
 from .volume import Volume
-from .warp import resample_to_grid, warp_by_displacement
+from .warp import grid_world_coordinates, resample_to_grid, warp_by_displacement
 from .windows import SIZE_MULTIPLE
 
 __all__ = [
@@ -235,20 +235,21 @@ def network_spacing(spacing: Sequence[float], shape: Sequence[int], stretch: flo
 def compose_initial(initial: np.ndarray, field_mm: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """The total pull-back field ``x -> initial(x + d(x)) - x`` on the grid ``affine`` of ``d``
     (``field_mm [3, *shape]``, relative to the initially aligned moving image):
-    ``L d(x) + (L - I) x + t`` for ``initial = [L | t]``, with ``x`` built per channel from three
-    broadcast 1-D ranges (no ``[3, *shape]`` coordinate array)."""
+    ``L d(x) + (L - I) x + t`` for ``initial = [L | t]``, the second term added slab by slab
+    (:func:`grid_world_coordinates` of the map ``(L - I) affine + t``: no ``[3, *shape]``
+    float64 array)."""
     linear = np.asarray(initial, dtype=np.float64)[:3, :3]
     out = np.einsum("ij,j...->i...", linear.astype(np.float32), field_mm).astype(np.float32)
     if np.allclose(linear, np.eye(3), atol=1e-12):
         return out + np.asarray(initial[:3, 3], dtype=np.float32).reshape(3, 1, 1, 1)
-    grid = np.asarray(affine, dtype=np.float64)
-    coeff = (linear - np.eye(3)) @ grid[:3, :3]  # (L - I) x = coeff @ index + offset
-    offset = (linear - np.eye(3)) @ grid[:3, 3] + np.asarray(initial[:3, 3], dtype=np.float64)
-    axes = [np.arange(n, dtype=np.float64) for n in field_mm.shape[1:]]
-    for k in range(3):
-        out[k] += (coeff[k, 0] * axes[0]).astype(np.float32).reshape(-1, 1, 1)
-        out[k] += (coeff[k, 1] * axes[1]).astype(np.float32).reshape(1, -1, 1)
-        out[k] += (coeff[k, 2] * axes[2] + offset[k]).astype(np.float32).reshape(1, 1, -1)
+    moved = np.eye(4)  # index -> (L - I) x + t
+    moved[:3] = (linear - np.eye(3)) @ np.asarray(affine, dtype=np.float64)[:3]
+    moved[:3, 3] += np.asarray(initial[:3, 3], dtype=np.float64)
+    shape = field_mm.shape[1:]
+    per = max(1, cpu_pool.CHUNK_VOXELS // max(1, int(shape[1]) * int(shape[2])))
+    for start in range(0, int(shape[0]), per):
+        rows = slice(start, min(start + per, int(shape[0])))
+        out[:, rows] += grid_world_coordinates(moved, shape, rows)
     return out
 
 
