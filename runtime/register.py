@@ -65,7 +65,7 @@ from .preprocess import preprocess, preprocessed_shape
 from .preprocess_config import with_modality
 from .refine import RefineOptions, refine_initial_affine, refine_world_field
 from .volume import Volume
-from .warp import grid_world_coordinates, resample_to_grid, warp_by_displacement
+from .warp import grid_world_coordinates, resample_to_grid, row_pieces, warp_by_displacement
 from .windows import SIZE_MULTIPLE
 
 __all__ = [
@@ -235,7 +235,7 @@ def network_spacing(spacing: Sequence[float], shape: Sequence[int], stretch: flo
 def compose_initial(initial: np.ndarray, field_mm: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """The total pull-back field ``x -> initial(x + d(x)) - x`` on the grid ``affine`` of ``d``
     (``field_mm [3, *shape]``, relative to the initially aligned moving image):
-    ``L d(x) + (L - I) x + t`` for ``initial = [L | t]``, the second term added slab by slab
+    ``L d(x) + (L - I) x + t`` for ``initial = [L | t]``, the second term added slab by slab on the CPU pool
     (:func:`grid_world_coordinates` of the map ``(L - I) affine + t``: no ``[3, *shape]``
     float64 array)."""
     linear = np.asarray(initial, dtype=np.float64)[:3, :3]
@@ -246,10 +246,11 @@ def compose_initial(initial: np.ndarray, field_mm: np.ndarray, affine: np.ndarra
     moved[:3] = (linear - np.eye(3)) @ np.asarray(affine, dtype=np.float64)[:3]
     moved[:3, 3] += np.asarray(initial[:3, 3], dtype=np.float64)
     shape = field_mm.shape[1:]
-    per = max(1, cpu_pool.CHUNK_VOXELS // max(1, int(shape[1]) * int(shape[2])))
-    for start in range(0, int(shape[0]), per):
-        rows = slice(start, min(start + per, int(shape[0])))
-        out[:, rows] += grid_world_coordinates(moved, shape, rows)
+
+    def work(start: int, stop: int) -> None:
+        out[:, start:stop] += grid_world_coordinates(moved, shape, slice(start, stop))
+
+    cpu_pool.run_chunks(work, row_pieces(shape), int(np.prod(shape)))
     return out
 
 

@@ -34,29 +34,34 @@ import numpy as np
 from .cpu_pool import CHUNK_VOXELS, run_chunks
 from .resampling import resample_axis
 
-__all__ = ["MODES", "grid_world_coordinates", "resample_to_grid", "sample", "warp_by_displacement"]
+__all__ = [
+    "MODES",
+    "grid_world_coordinates",
+    "resample_to_grid",
+    "row_pieces",
+    "sample",
+    "warp_by_displacement",
+]
 
 #: what a read outside the source gives: its edge value, or ``cval``
 MODES = ("nearest", "constant")
 
 
-def _rows(shape: Sequence[int]) -> list[tuple[int, int]]:
-    """Pieces of whole rows of the first axis, about :data:`CHUNK_VOXELS` voxels each."""
+def row_pieces(shape: Sequence[int]) -> list[tuple[int, int]]:
+    """``(start, stop)`` pieces of whole rows of the first axis, about :data:`CHUNK_VOXELS`
+    voxels each: how every pass over a grid here (and ``compose_initial``) is cut for the pool."""
     n0 = int(shape[0])
     per = max(1, CHUNK_VOXELS // max(1, int(np.prod(shape[1:]))))
     return [(a, min(a + per, n0)) for a in range(0, n0, per)]
 
 
 def grid_world_coordinates(affine: np.ndarray, shape: Sequence[int], rows: slice | None = None) -> np.ndarray:
-    """World (RAS mm) positions ``[3, *shape]`` of the voxel centres of a grid (optionally
-    only rows ``rows`` of the first axis)."""
-    rows = rows or slice(0, int(shape[0]))
-    return _mapped_grid(np.asarray(affine, dtype=np.float64), shape, rows.start, rows.stop)
-
-
-def _mapped_grid(m: np.ndarray, shape: Sequence[int], start: int, stop: int) -> np.ndarray:
-    """``m[:3, :3] @ index + m[:3, 3]`` for the voxel indices of rows ``start:stop``: ``[3, rows, Y, Z]``
-    float64, built from three broadcast 1-D ranges (two additions per voxel and axis)."""
+    """``affine[:3, :3] @ index + affine[:3, 3]`` for the voxel centres of a grid, ``[3, *shape]``
+    float64 (optionally only rows ``rows`` of the first axis): world (RAS mm) positions for a
+    voxel->world affine, source voxel positions for a voxel->voxel map. Built from three
+    broadcast 1-D ranges (two additions per voxel and axis)."""
+    m = np.asarray(affine, dtype=np.float64)
+    start, stop = (0, int(shape[0])) if rows is None else (rows.start, rows.stop)
     axes = (
         np.arange(start, stop, dtype=np.float64).reshape(-1, 1, 1),
         np.arange(int(shape[1]), dtype=np.float64).reshape(1, -1, 1),
@@ -174,11 +179,11 @@ def resample_to_grid(
     channels = [np.ascontiguousarray(flat[c]) for c in range(flat.shape[0])]  # nibabel gives Fortran order
 
     def work(start: int, stop: int) -> None:
-        read = sample(channels, _mapped_grid(m, shape, start, stop), order, mode, cval)
+        read = sample(channels, grid_world_coordinates(m, shape, slice(start, stop)), order, mode, cval)
         for c, values in enumerate(read):
             out[c, start:stop] = values
 
-    run_chunks(work, _rows(shape), int(np.prod(shape)))
+    run_chunks(work, row_pieces(shape), int(np.prod(shape)))
     return out.reshape(*lead, *shape)
 
 
@@ -215,7 +220,7 @@ def warp_by_displacement(
     source = np.ascontiguousarray(src if order == 0 else np.asarray(src, dtype=np.float32))
 
     def work(start: int, stop: int) -> None:
-        coords = _mapped_grid(m, shape, start, stop)
+        coords = grid_world_coordinates(m, shape, slice(start, stop))
         if disp_mm is not None:
             piece = disp_mm[:, start:stop]
             for k in range(3):
@@ -224,5 +229,5 @@ def warp_by_displacement(
                         coords[k] += inv[k, j] * piece[j]
         out[start:stop] = sample([source], coords, order, "constant", cval)[0]
 
-    run_chunks(work, _rows(shape), int(np.prod(shape)))
+    run_chunks(work, row_pieces(shape), int(np.prod(shape)))
     return out
