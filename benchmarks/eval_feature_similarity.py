@@ -51,7 +51,6 @@ from gvsl.refine import (
     RefineSettings,
     advance,
     cc_force,
-    gaussian_kernel,
     refine_constants,
     sample_clamped,
 )
@@ -97,20 +96,17 @@ def ascent(fixed: np.ndarray, moving: np.ndarray, iterations: int, step: float, 
     """The greedy ascent of :mod:`gvsl.refine` on ``[C, D, H, W]`` images, the local-CC force
     summed over channels; returns the voxel field ``[3, D, H, W]``."""
     settings = RefineSettings()
-    update_taps = gaussian_kernel(settings.sigma_update, settings.truncate)
-    total_taps = gaussian_kernel(settings.sigma_total, settings.truncate)
     f = torch.from_numpy(np.ascontiguousarray(fixed, np.float32))[:, None]  # channels as batch
     m = torch.from_numpy(np.ascontiguousarray(moving, np.float32))[None]
-    grid, mean_f, s_ff, update_norm, total_norm = refine_constants(f, settings.radius, update_taps, total_taps)
-    grid, update_norm, total_norm = grid[:1], update_norm[:1], total_norm[:1]
+    level = refine_constants(f, settings)
+    level = level._replace(update_norm=level.update_norm[:1], total_norm=level.total_norm[:1])
     dvf = torch.zeros(1, 3, *f.shape[2:])
     step_t, reg_t, reference = torch.tensor([step]), torch.tensor([regularisation]), torch.ones(1)
     with torch.no_grad():
         for k in range(iterations):
-            warped = sample_clamped(m, grid + dvf).transpose(0, 1)  # [C, 1, ...]
-            force = cc_force(f, warped, settings.radius, (mean_f, s_ff)).sum(dim=0, keepdim=True)
-            dvf, reference = advance(dvf, force, step_t, reg_t, torch.tensor(k), reference, grid, update_taps,
-                                     total_taps, update_norm, total_norm)  # fmt: skip
+            warped = sample_clamped(m, level.grid + dvf).transpose(0, 1)  # [C, 1, ...]
+            force = cc_force(f, warped, moments=level.moments, window=level.window).sum(dim=0, keepdim=True)
+            dvf, reference = advance(dvf, force, step_t, reg_t, torch.tensor(k), reference, level)
     return dvf[0].numpy()
 
 

@@ -11,7 +11,8 @@ graph holds no learned weights, only the constants of
 
 Inputs: ``fixed``, ``moving`` ``[1, 1, D, H, W]`` (one grid, any size >= 2
 per axis), ``dvf`` ``[1, 3, D, H, W]`` (voxels), ``iterations`` (int64
-scalar), ``step`` and ``regularisation`` (float ``[1]``). Outputs: ``dvf``
+scalar), ``step`` and ``regularisation`` (float ``[1]``), ``spacing`` (float
+``[3]``: the grid's voxel size along D, H, W, any unit; only ratios matter). Outputs: ``dvf``
 (refined) and ``similarity`` (float ``[1]``, mean local CC after the loop).
 """
 
@@ -31,6 +32,7 @@ from gvsl import __version__
 from gvsl.export.errors import ExportError
 from gvsl.refine import (
     AffineStep,
+    LevelConstants,
     RefineConstants,
     RefineSettings,
     RefineStep,
@@ -39,7 +41,6 @@ from gvsl.refine import (
     sample_clamped,
 )
 from gvsl.runtime import artifact
-from gvsl.spatial import identity_grid
 
 __all__ = [
     "REFINE_ATOL",
@@ -56,16 +57,24 @@ _SPATIAL = {2: "depth", 3: "height", 4: "width"}
 
 
 class RefineSimilarity(nn.Module):
-    """Mean local CC of ``fixed`` and ``moving`` warped by ``dvf``: the graph's second output."""
+    """Mean local CC of ``fixed`` and ``moving`` warped by ``dvf`` over the level's window (the
+    fixed image's moments and the window from :class:`gvsl.refine.RefineConstants`): the
+    graph's second output."""
 
-    def __init__(self, radius: int) -> None:
-        super().__init__()
-        self.radius = radius
-
-    def forward(self, fixed: torch.Tensor, moving: torch.Tensor, dvf: torch.Tensor) -> torch.Tensor:
-        sizes = [dvf.shape[2 + axis] for axis in range(3)]
-        warped = sample_clamped(moving, identity_grid(sizes, dvf.device, dvf.dtype) + dvf)
-        return local_cc(fixed, warped, self.radius).reshape(1)
+    def forward(
+        self,
+        fixed: torch.Tensor,
+        moving: torch.Tensor,
+        dvf: torch.Tensor,
+        grid: torch.Tensor,
+        fixed_mean: torch.Tensor,
+        fixed_variance: torch.Tensor,
+        box_taps: torch.Tensor,
+        box_count: torch.Tensor,
+    ) -> torch.Tensor:
+        warped = sample_clamped(moving, grid + dvf)
+        cc = local_cc(fixed, warped, window=(box_taps, box_count), moments=(fixed_mean, fixed_variance))
+        return cc.reshape(1)
 
 
 def refine_metadata(settings: RefineSettings, kind: str = artifact.REFINE) -> dict[str, str]:
@@ -279,11 +288,12 @@ def build_refine_model(settings: RefineSettings | None = None) -> Any:
     fixed, moving = torch.rand(*shape), torch.rand(*shape)
     dvf = torch.zeros(1, 3, *shape[2:])
     scalar = torch.tensor([0.5])
-    shared = ["grid", "fixed_mean", "fixed_variance", "update_norm", "total_norm"]
+    spacing = torch.tensor([1.0, 1.5, 3.0])
+    shared = list(LevelConstants._fields)
     prelude_module = RefineConstants(settings).eval()
-    prelude = _trace(prelude_module, (fixed,), ["fixed"], shared)
+    prelude = _trace(prelude_module, (fixed, spacing), ["fixed", "spacing"], shared)
     with torch.no_grad():
-        constants = prelude_module(fixed)
+        constants = LevelConstants(*prelude_module(fixed, spacing))
     step_inputs = ["fixed", "moving", "dvf_in", "step", "regularisation", "iteration", "reference_in", *shared]
     body = _trace(
         RefineStep(settings).eval(),
@@ -291,7 +301,13 @@ def build_refine_model(settings: RefineSettings | None = None) -> Any:
         step_inputs,
         ["dvf_out", "reference_out"],
     )
-    cc = _trace(RefineSimilarity(settings.radius).eval(), (fixed, moving, dvf), ["fixed", "moving", "dvf"], ["sim"])
+    similarity_inputs = ["grid", "fixed_mean", "fixed_variance", "box_taps", "box_count"]
+    cc = _trace(
+        RefineSimilarity().eval(),
+        (fixed, moving, dvf, *(getattr(constants, name) for name in similarity_inputs)),
+        ["fixed", "moving", "dvf", *similarity_inputs],
+        ["sim"],
+    )
     field = [1, 3, "depth", "height", "width"]
     return _loop_model(
         prefix="refine",
@@ -308,6 +324,7 @@ def build_refine_model(settings: RefineSettings | None = None) -> Any:
             helper.make_tensor_value_info("iterations", TensorProto.INT64, []),
             helper.make_tensor_value_info("step", TensorProto.FLOAT, [1]),
             helper.make_tensor_value_info("regularisation", TensorProto.FLOAT, [1]),
+            helper.make_tensor_value_info("spacing", TensorProto.FLOAT, [3]),
         ],
         result=("dvf_refined", field),
         initializers=[helper.make_tensor("reference_init", TensorProto.FLOAT, [1], [1.0])],
@@ -340,9 +357,14 @@ REFINE_ATOL = 1e-4
 VERIFY_ITERATIONS = 10
 
 
+#: voxel sizes the parity check runs on: an isotropic grid and one with thick slices
+VERIFY_SPACINGS = ((1.0, 1.0, 1.0), (1.0, 1.5, 3.2))
+
+
 def verify_refine(path: str | os.PathLike[str], settings: RefineSettings | None = None) -> dict[str, Any]:
     """Run ``refine.onnx`` in ONNX Runtime and :func:`gvsl.refine.refine` in PyTorch on a smooth
-    random pair with a known shift; returns ``{"max_abs": ..., "passed": ...}``."""
+    random pair with a known shift, on each grid of :data:`VERIFY_SPACINGS`; returns
+    ``{"max_abs": ..., "passed": ...}`` (the largest difference over them)."""
     import numpy as np
     import onnxruntime as ort
     from scipy import ndimage
@@ -356,27 +378,31 @@ def verify_refine(path: str | os.PathLike[str], settings: RefineSettings | None 
     moving = np.roll(fixed, 1, axis=0)
     field = np.zeros((1, 3, *fixed.shape), dtype=np.float32)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got, _ = session.run(
-        None,
-        {
-            "fixed": fixed[None, None],
-            "moving": moving[None, None],
-            "dvf": field,
-            "iterations": np.array(VERIFY_ITERATIONS, dtype=np.int64),
-            "step": np.array([0.5], dtype=np.float32),
-            "regularisation": np.array([0.3], dtype=np.float32),
-        },
-    )
-    ref = refine(
-        torch.from_numpy(fixed)[None, None],
-        torch.from_numpy(moving)[None, None],
-        torch.from_numpy(field),
-        VERIFY_ITERATIONS,
-        0.5,
-        0.3,
-        settings,
-    ).numpy()
-    err = float(np.abs(got - ref).max())
+    err = 0.0
+    for spacing in VERIFY_SPACINGS:
+        got, _ = session.run(
+            None,
+            {
+                "fixed": fixed[None, None],
+                "moving": moving[None, None],
+                "dvf": field,
+                "iterations": np.array(VERIFY_ITERATIONS, dtype=np.int64),
+                "step": np.array([0.5], dtype=np.float32),
+                "regularisation": np.array([0.3], dtype=np.float32),
+                "spacing": np.asarray(spacing, dtype=np.float32),
+            },
+        )
+        ref = refine(
+            torch.from_numpy(fixed)[None, None],
+            torch.from_numpy(moving)[None, None],
+            torch.from_numpy(field),
+            VERIFY_ITERATIONS,
+            0.5,
+            0.3,
+            settings,
+            spacing,
+        ).numpy()
+        err = max(err, float(np.abs(got - ref).max()))
     return {"graph": Path(path).name, "iterations": VERIFY_ITERATIONS, "max_abs": err, "passed": err <= REFINE_ATOL}
 
 

@@ -7,7 +7,11 @@ PyTorch and exports, unchanged, as the ``refine.onnx`` graph that the
 torch-free runtime runs on every backend.
 
 One iteration, on one grid (voxel units; pull-back convention of
-:mod:`gvsl.spatial`: ``warped(p) = moving(p + dvf(p))``):
+:mod:`gvsl.spatial`: ``warped(p) = moving(p + dvf(p))``). The grid's voxels may
+be anisotropic (a chest CT's 3 x 3 x 10 mm): every length of the method (window,
+Gaussians, step) is measured in voxels of the finest axis, i.e. in millimetres,
+so a coarser axis gets proportionally fewer voxels of each and the same
+physical behaviour as on an isotropic grid, at a fraction of its voxels:
 
 1. ``warped = moving ∘ (id + dvf)`` (trilinear);
 2. the local normalised cross-correlation ``CC = s_fw^2 / (s_ff s_ww)`` of
@@ -15,10 +19,10 @@ One iteration, on one grid (voxel units; pull-back convention of
    derivative with respect to ``warped`` (Avants et al. 2008, the form ANTs
    uses): ``dCC/dw = 2 s_fw / (s_ff s_ww) * ((f - mean_f) - s_fw / s_ww * (w - mean_w))``.
    The local means and (co)variances come from one separable box filter
-   (three 1-D average pools over stacked maps); the fixed image's own mean
-   and variance, the identity grid and the Gaussians' border renormalisers
-   depend on the grid alone and are computed once per level
-   (:func:`refine_constants`);
+   (three 1-D convolutions over stacked maps, divided by the window's voxel
+   count); the fixed image's own mean and variance, the identity grid, the
+   per-axis kernels and the border renormalisers depend on the grid alone
+   and are computed once per level (:func:`refine_constants`);
 3. the force ``dCC/dw * grad(warped)`` is smoothed by a Gaussian
    (``sigma_update``, the "fluid" regulariser) and scaled robustly: the mean
    vector length of the first iteration maps to half of ``step`` voxels for
@@ -38,16 +42,17 @@ grid centre (the voxel force projected on the parameters, each part
 normalised to move the grid by ``step`` voxels, the step shrinking to zero
 over the run): the stage that aligns two scans before the network sees them.
 
-The Gaussian kernels and the window radius are graph constants
-(:class:`RefineSettings`, recorded in the export's metadata); step size,
-regularisation and the iteration count are run-time inputs.
+The Gaussian widths and the window radius are graph constants
+(:class:`RefineSettings`, recorded in the export's metadata); the grid's voxel
+sizes, step size, regularisation and the iteration count are run-time inputs.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -57,16 +62,21 @@ from gvsl.spatial import identity_grid
 
 __all__ = [
     "AffineStep",
-    "advance",
+    "LevelConstants",
     "RefineConstants",
     "RefineSettings",
     "RefineStep",
-    "cc_force",
-    "fixed_moments",
-    "gaussian_kernel",
-    "local_cc",
+    "Window",
+    "advance",
     "affine_locations",
     "affine_step",
+    "axis_scale",
+    "box_taps",
+    "box_window",
+    "cc_force",
+    "fixed_moments",
+    "gaussian_taps",
+    "local_cc",
     "refine",
     "refine_affine",
     "refine_constants",
@@ -85,7 +95,7 @@ VARIANCE_FLOOR = 1e-4
 
 @dataclass(frozen=True)
 class RefineSettings:
-    """Constants of the refinement graph (all in voxels of the grid it runs on).
+    """Constants of the refinement graph (all in voxels of the finest axis of the grid it runs on).
 
     ``radius``: half-width of the local-CC window (3 -> 7^3 voxels, 14 mm at
     2 mm); ``sigma_update`` / ``sigma_total``: Gaussian widths of the update
@@ -107,61 +117,88 @@ class RefineSettings:
         return cls(**{k: d[k] for k in ("radius", "sigma_update", "sigma_total", "truncate") if k in d})
 
 
-def gaussian_kernel(sigma: float, truncate: float = 3.0) -> torch.Tensor:
-    """Normalised 1-D Gaussian taps (``2 ceil(truncate sigma) + 1`` of them); ``[1.]`` for sigma 0."""
+def axis_scale(spacing: torch.Tensor) -> torch.Tensor:
+    """Voxel size per axis over the finest axis's, ``[3]`` (ones on an isotropic grid): the unit
+    conversion that keeps :class:`RefineSettings` physical on a grid with thick slices."""
+    return spacing / spacing.min()
+
+
+def gaussian_taps(sigma: float, truncate: float = 3.0, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalised Gaussian taps per axis, ``[3, 2 ceil(truncate sigma) + 1]``: ``sigma`` is in voxels
+    of the finest axis, so an axis ``scale`` times coarser gets ``sigma / scale`` voxels (the same
+    width in mm, with the outer taps near zero); ``[3, 1]`` ones for sigma 0."""
+    scale = torch.ones(3) if scale is None else scale
     if sigma <= 0:
-        return torch.ones(1)
+        return torch.ones(3, 1, dtype=scale.dtype)
     half = max(1, int(math.ceil(truncate * sigma)))
-    x = torch.arange(-half, half + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return (k / k.sum()).float()
+    x = torch.arange(-half, half + 1, dtype=torch.int64).to(scale.dtype)
+    taps = torch.exp(-0.5 * (x.view(1, -1) * (scale.view(3, 1) / sigma)) ** 2)
+    return taps / taps.sum(dim=1, keepdim=True)
+
+
+def box_taps(radius: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Box-filter taps per axis, ``[3, 2 radius + 1]`` (ones inside the window, zeros outside): a
+    half-width of ``radius`` voxels of the finest axis, ``round(radius / scale)`` on a coarser one."""
+    scale = torch.ones(3) if scale is None else scale
+    x = torch.arange(-radius, radius + 1, dtype=torch.int64).to(scale.dtype)
+    reach = torch.floor(radius / scale + 0.5).view(3, 1)
+    return (torch.abs(x).view(1, -1) <= reach).to(scale.dtype)
 
 
 def _separable(volume: torch.Tensor, taps: torch.Tensor, channels: int) -> torch.Tensor:
-    """``volume [N, channels, D, H, W]`` filtered by ``taps`` along each axis (zero padding)."""
-    half = taps.numel() // 2
+    """``volume [N, channels, D, H, W]`` filtered along axis ``a`` by ``taps[a]`` (zero padding)."""
+    size = taps.shape[1]
+    half = size // 2
     out = volume
     for axis in range(3):
         shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = taps.numel()
+        shape[2 + axis] = size
         pad = [0, 0, 0]
         pad[axis] = half
-        weight = taps.to(volume.dtype).view(shape)
+        weight = taps[axis].to(volume.dtype).reshape(shape)
         out = F.conv3d(out, weight.expand(channels, *shape[1:]), padding=tuple(pad), groups=channels)
     return out
 
 
 def smooth_norm(like: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
-    """The border renormaliser of :func:`smooth` on the grid of ``like`` ``[N, C, D, H, W]``:
-    the zero-padded Gaussian of ones, ``[N, 1, D, H, W]``. It depends on the grid alone, so a
-    refinement computes it once per level."""
+    """The border renormaliser of :func:`smooth` (and, for :func:`box_taps`, the window's voxel
+    count) on the grid of ``like`` ``[N, C, D, H, W]``: the zero-padded filter of ones,
+    ``[N, 1, D, H, W]``. It depends on the grid alone, so a refinement computes it once per level."""
     return _separable(torch.ones_like(like[:, :1]), taps, 1)
 
 
 def smooth(field: torch.Tensor, taps: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor:
-    """Separable Gaussian of each channel of a field ``[N, 3, D, H, W]`` (zero padding,
-    renormalised at the border so a constant field stays constant; ``norm`` is
-    :func:`smooth_norm` of the grid, computed here when not given)."""
-    if taps.numel() == 1:
+    """Separable Gaussian of each channel of a field ``[N, 3, D, H, W]`` (per-axis ``taps`` of
+    :func:`gaussian_taps`; zero padding, renormalised at the border so a constant field stays
+    constant; ``norm`` is :func:`smooth_norm` of the grid, computed here when not given)."""
+    if taps.shape[1] == 1:
         return field
     # 3 channels: displacement fields; a literal so that tracing keeps the kernel shape static
     return _separable(field, taps, 3) / (smooth_norm(field, taps) if norm is None else norm)
 
 
-def _box(maps: torch.Tensor, radius: int) -> torch.Tensor:
-    """Local means over a ``(2 radius + 1)^3`` window (border windows are cropped)."""
-    k = 2 * radius + 1
-    out = maps
-    for kernel in ((k, 1, 1), (1, k, 1), (1, 1, k)):
-        pad = tuple(radius if s > 1 else 0 for s in kernel)
-        out = F.avg_pool3d(out, kernel, stride=1, padding=pad, count_include_pad=False)
-    return out
+#: The local-CC window of one grid: :func:`box_taps` and their window sizes (:func:`smooth_norm`).
+Window = tuple[torch.Tensor, torch.Tensor]
 
 
-def fixed_moments(fixed: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Local mean and variance of ``fixed`` over the CC window: constant while ``warped``
-    changes, so a refinement computes them once per level."""
-    means = _box(torch.cat([fixed, fixed * fixed], dim=1), radius)
+def box_window(like: torch.Tensor, radius: int, scale: torch.Tensor | None = None) -> Window:
+    """The local-CC window on the grid of ``like``: ``radius`` voxels of the finest axis, border
+    windows cropped."""
+    taps = box_taps(radius, scale).to(like.dtype)
+    return taps, smooth_norm(like, taps)
+
+
+def _box(maps: torch.Tensor, window: Window, channels: int) -> torch.Tensor:
+    """Local means of ``maps [N, channels, ...]`` over the window (border windows are cropped)."""
+    taps, count = window
+    return _separable(maps, taps, channels) / count
+
+
+def fixed_moments(fixed: torch.Tensor, window: Window | int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local mean and variance of ``fixed`` over the CC window (a :class:`Window`, or an isotropic
+    radius): constant while ``warped`` changes, so a refinement computes them once per level."""
+    window = box_window(fixed, window) if isinstance(window, int) else window
+    means = _box(torch.cat([fixed, fixed * fixed], dim=1), window, 2)
     mean_f, mean_ff = means[:, 0:1], means[:, 1:2]  # slices, not Split
     return mean_f, (mean_ff - mean_f * mean_f).clamp(min=0.0)
 
@@ -169,22 +206,30 @@ def fixed_moments(fixed: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch
 def _local_moments(
     fixed: torch.Tensor,
     warped: torch.Tensor,
-    radius: int,
+    window: Window,
     moments: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Local means and (co)variances of the pair; ``moments`` are :func:`fixed_moments`
     of ``fixed`` when already known (three maps go through the box filter, not five)."""
-    mean_f, s_ff = fixed_moments(fixed, radius) if moments is None else moments
-    means = _box(torch.cat([warped, warped * warped, fixed * warped], dim=1), radius)
+    mean_f, s_ff = fixed_moments(fixed, window) if moments is None else moments
+    means = _box(torch.cat([warped, warped * warped, fixed * warped], dim=1), window, 3)
     mean_w, mean_ww, mean_fw = (means[:, k : k + 1] for k in range(3))  # slices, not Split
     s_ww = (mean_ww - mean_w * mean_w).clamp(min=0.0)
     s_fw = mean_fw - mean_f * mean_w
     return mean_f, mean_w, s_ff, s_ww, s_fw
 
 
-def local_cc(fixed: torch.Tensor, warped: torch.Tensor, radius: int = 2) -> torch.Tensor:
-    """Mean local normalised cross-correlation (squared, as ANTs' CC metric) of two volumes."""
-    _, _, s_ff, s_ww, s_fw = _local_moments(fixed, warped, radius)
+def local_cc(
+    fixed: torch.Tensor,
+    warped: torch.Tensor,
+    radius: int = 2,
+    window: Window | None = None,
+    moments: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Mean local normalised cross-correlation (squared, as ANTs' CC metric) of two volumes, over
+    an isotropic ``radius`` window or the given ``window`` (``moments``: :func:`fixed_moments`)."""
+    window = box_window(fixed, radius) if window is None else window
+    _, _, s_ff, s_ww, s_fw = _local_moments(fixed, warped, window, moments)
     return (s_fw * s_fw / (s_ff * s_ww + _EPS)).mean()
 
 
@@ -202,10 +247,13 @@ def cc_force(
     warped: torch.Tensor,
     radius: int = 2,
     moments: tuple[torch.Tensor, torch.Tensor] | None = None,
+    window: Window | None = None,
 ) -> torch.Tensor:
-    """Ascent direction of local CC for the pull-back field: ``dCC/dw * grad(warped)``, ``[N, 3, ...]``
-    (``moments``: :func:`fixed_moments` of ``fixed``, when already known)."""
-    mean_f, mean_w, s_ff, s_ww, s_fw = _local_moments(fixed, warped, radius, moments)
+    """Ascent direction of local CC for the pull-back field: ``dCC/dw * grad(warped)``, ``[N, 3, ...]``,
+    the gradient per voxel of each axis (``moments``: :func:`fixed_moments` of ``fixed``, when
+    already known; ``window``: the CC window, else an isotropic ``radius``)."""
+    window = box_window(fixed, radius) if window is None else window
+    mean_f, mean_w, s_ff, s_ww, s_fw = _local_moments(fixed, warped, window, moments)
     # The prefactor's variances have a noise floor: where a window is nearly flat, the exact CC
     # gradient is so steep that fixed-size steps oscillate. The bracket stays exact, so aligned
     # images (warped = fixed) get no force at all.
@@ -277,15 +325,56 @@ def sample_clamped(src: torch.Tensor, locs: torch.Tensor) -> torch.Tensor:
 MIN_REFERENCE = 1e-2
 
 
+class LevelConstants(NamedTuple):
+    """What every iteration on one grid shares (:func:`refine_constants`): the identity grid, the
+    fixed image's local mean and variance, the axis scale ``[1, 3, 1, 1, 1]``
+    (:func:`axis_scale`), the update / total-field Gaussians and the CC window's taps
+    (``[3, K]`` each), the window's voxel counts and the Gaussians' border renormalisers."""
+
+    grid: torch.Tensor
+    fixed_mean: torch.Tensor
+    fixed_variance: torch.Tensor
+    scale: torch.Tensor
+    update_taps: torch.Tensor
+    total_taps: torch.Tensor
+    box_taps: torch.Tensor
+    box_count: torch.Tensor
+    update_norm: torch.Tensor
+    total_norm: torch.Tensor
+
+    @property
+    def window(self) -> Window:
+        return self.box_taps, self.box_count
+
+    @property
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fixed_mean, self.fixed_variance
+
+
 def refine_constants(
-    fixed: torch.Tensor, radius: int, update_taps: torch.Tensor, total_taps: torch.Tensor
-) -> tuple[torch.Tensor, ...]:
-    """What every iteration on one grid shares, computed once per level: the identity grid,
-    the fixed image's local mean and variance (:func:`fixed_moments`) and the border
-    renormalisers of the update and total-field Gaussians (:func:`smooth_norm`)."""
+    fixed: torch.Tensor, settings: RefineSettings | None = None, spacing: torch.Tensor | None = None
+) -> LevelConstants:
+    """:class:`LevelConstants` of the grid of ``fixed`` with voxel sizes ``spacing`` (``[3]``,
+    any unit; ``None`` = isotropic): the settings' kernels per axis in physical units, then
+    the fixed image's local moments and the renormalisers, all computed once per level."""
+    settings = settings or RefineSettings()
+    scale = torch.ones(3, dtype=fixed.dtype) if spacing is None else axis_scale(spacing.to(fixed.dtype))
+    update_taps = gaussian_taps(settings.sigma_update, settings.truncate, scale)
+    total_taps = gaussian_taps(settings.sigma_total, settings.truncate, scale)
+    window = box_window(fixed, settings.radius, scale)
+    mean_f, s_ff = fixed_moments(fixed, window)
     grid = identity_grid(_sizes(fixed), fixed.device, fixed.dtype)
-    mean_f, s_ff = fixed_moments(fixed, radius)
-    return grid, mean_f, s_ff, smooth_norm(fixed, update_taps), smooth_norm(fixed, total_taps)
+    return LevelConstants(
+        grid,
+        mean_f,
+        s_ff,
+        scale.view(1, 3, 1, 1, 1),
+        update_taps,
+        total_taps,
+        *window,
+        smooth_norm(fixed, update_taps),
+        smooth_norm(fixed, total_taps),
+    )
 
 
 def refine_step(
@@ -296,26 +385,19 @@ def refine_step(
     regularisation: torch.Tensor,
     iteration: torch.Tensor,
     reference: torch.Tensor,
-    update_taps: torch.Tensor,
-    total_taps: torch.Tensor,
-    radius: int = 2,
-    constants: tuple[torch.Tensor, ...] | None = None,
+    level: LevelConstants,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One greedy iteration (module docstring); returns the new field and the reference length.
 
     ``step``/``regularisation``/``reference`` are 1-element tensors, ``iteration`` the
     0-based iteration number: at iteration 0 the mean update length becomes the
     ``reference`` that maps to half a step for the rest of the run, so updates shrink
-    as the images come into alignment. ``constants`` are :func:`refine_constants` of
-    the grid (computed here when not given).
+    as the images come into alignment. ``level`` is :func:`refine_constants` of the grid.
     """
-    if constants is None:
-        constants = refine_constants(fixed, radius, update_taps, total_taps)
-    grid, mean_f, s_ff, update_norm, total_norm = constants
-    warped = sample_clamped(moving, grid + dvf)
-    force = cc_force(fixed, warped, radius, (mean_f, s_ff))
-    return advance(dvf, force, step, regularisation, iteration, reference, grid, update_taps, total_taps,
-                   update_norm, total_norm)  # fmt: skip
+    warped = sample_clamped(moving, level.grid + dvf)
+    force = cc_force(fixed, warped, moments=level.moments, window=level.window)
+    # the gradient per voxel of each axis, made per voxel of the finest axis (physical units)
+    return advance(dvf, force / level.scale, step, regularisation, iteration, reference, level)
 
 
 def advance(
@@ -325,24 +407,21 @@ def advance(
     regularisation: torch.Tensor,
     iteration: torch.Tensor,
     reference: torch.Tensor,
-    grid: torch.Tensor,
-    update_taps: torch.Tensor,
-    total_taps: torch.Tensor,
-    update_norm: torch.Tensor,
-    total_norm: torch.Tensor,
+    level: LevelConstants,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The part of an iteration that follows the similarity's ``force [1, 3, ...]`` (steps 3-5 of
     the module docstring: smoothing, step control, composition, regularisation), whatever
-    similarity made the force; returns the new field and the reference length."""
-    update = smooth(force, update_taps, update_norm)
+    similarity made the force, given per voxel of the grid's finest axis; returns the new
+    field (voxels of each axis) and the reference length."""
+    update = smooth(force, level.update_taps, level.update_norm)
     length = torch.sqrt((update * update).sum(dim=1, keepdim=True))
     current = torch.clamp(length.mean(), min=MIN_REFERENCE).reshape(1)
     reference = torch.where(iteration.reshape(1) == 0, current, reference.reshape(1))
     gain = (0.5 * step / reference).view(1, 1, 1, 1, 1)
-    # no vector longer than one step
-    update = update * gain / torch.clamp(length * gain / step.view(1, 1, 1, 1, 1), min=1.0)
-    composed = update + sample_clamped(dvf, grid + update)
-    smoothed = smooth(composed, total_taps, total_norm)
+    # no vector longer than one step (of the finest axis), then in voxels of each axis
+    update = update * gain / torch.clamp(length * gain / step.view(1, 1, 1, 1, 1), min=1.0) / level.scale
+    composed = update + sample_clamped(dvf, level.grid + update)
+    smoothed = smooth(composed, level.total_taps, level.total_norm)
     return composed + regularisation.view(1, 1, 1, 1, 1) * (smoothed - composed), reference
 
 
@@ -354,10 +433,12 @@ def refine(
     step: float = 0.5,
     regularisation: float = 0.3,
     settings: RefineSettings | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """``iterations`` greedy LNCC steps from ``dvf`` (zero when ``None``); returns the refined field.
 
-    ``fixed``/``moving`` ``[1, 1, D, H, W]`` on one grid, ``dvf`` ``[1, 3, D, H, W]`` voxels.
+    ``fixed``/``moving`` ``[1, 1, D, H, W]`` on one grid of voxel sizes ``spacing`` (``None`` =
+    isotropic), ``dvf`` ``[1, 3, D, H, W]`` voxels.
     """
     settings = settings or RefineSettings()
     module = RefineStep(settings)
@@ -365,39 +446,33 @@ def refine(
     step_t = torch.tensor([float(step)], dtype=fixed.dtype)
     reg_t = torch.tensor([float(regularisation)], dtype=fixed.dtype)
     reference = torch.ones(1, dtype=fixed.dtype)
+    spacing_t = torch.ones(3, dtype=fixed.dtype) if spacing is None else torch.tensor(spacing, dtype=fixed.dtype)
     with torch.no_grad():
-        constants = RefineConstants(settings)(fixed)
+        constants = RefineConstants(settings)(fixed, spacing_t)
         for k in range(int(iterations)):
             field, reference = module(fixed, moving, field, step_t, reg_t, torch.tensor(k), reference, *constants)
     return field
 
 
 class RefineConstants(nn.Module):
-    """:func:`refine_constants` with the settings' kernels as buffers: the part of ``refine.onnx``
-    that runs once, before the ``Loop``."""
+    """:func:`refine_constants` for fixed settings: the part of ``refine.onnx`` that runs once,
+    before the ``Loop`` (``spacing`` is a run-time input of the graph)."""
 
     def __init__(self, settings: RefineSettings | None = None) -> None:
         super().__init__()
         self.settings = settings or RefineSettings()
-        self.register_buffer("update_taps", gaussian_kernel(self.settings.sigma_update, self.settings.truncate))
-        self.register_buffer("total_taps", gaussian_kernel(self.settings.sigma_total, self.settings.truncate))
 
-    def forward(self, fixed: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return refine_constants(fixed, self.settings.radius, self.update_taps, self.total_taps)
+    def forward(self, fixed: torch.Tensor, spacing: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(refine_constants(fixed, self.settings, spacing))
 
 
 class RefineStep(nn.Module):
-    """:func:`refine_step` with its constants as buffers: the body traced into ``refine.onnx``.
-
-    ``grid``, ``fixed_mean``, ``fixed_variance``, ``update_norm`` and ``total_norm`` are
-    the outputs of :class:`RefineConstants` for the same grid.
-    """
+    """:func:`refine_step`: the body traced into ``refine.onnx``; the trailing inputs are the
+    fields of :class:`LevelConstants` (the outputs of :class:`RefineConstants`, same grid)."""
 
     def __init__(self, settings: RefineSettings | None = None) -> None:
         super().__init__()
         self.settings = settings or RefineSettings()
-        self.register_buffer("update_taps", gaussian_kernel(self.settings.sigma_update, self.settings.truncate))
-        self.register_buffer("total_taps", gaussian_kernel(self.settings.sigma_total, self.settings.truncate))
 
     def forward(
         self,
@@ -408,25 +483,10 @@ class RefineStep(nn.Module):
         regularisation: torch.Tensor,
         iteration: torch.Tensor,
         reference: torch.Tensor,
-        grid: torch.Tensor,
-        fixed_mean: torch.Tensor,
-        fixed_variance: torch.Tensor,
-        update_norm: torch.Tensor,
-        total_norm: torch.Tensor,
+        *constants: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return refine_step(
-            fixed,
-            moving,
-            dvf,
-            step,
-            regularisation,
-            iteration,
-            reference,
-            self.update_taps,
-            self.total_taps,
-            self.settings.radius,
-            (grid, fixed_mean, fixed_variance, update_norm, total_norm),
-        )
+        level = LevelConstants(*constants)
+        return refine_step(fixed, moving, dvf, step, regularisation, iteration, reference, level)
 
 
 def _centred_grid(sizes: list[Any], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,13 +25,16 @@ REGISTRATION_INPUTS = ("fixed", "moving")
 REGISTRATION_OUTPUTS = ("affine", "dvf", "warped")
 
 #: refine graph (no learned weights, gvsl.refine): fixed, moving [1,1,D,H,W], dvf [1,3,D,H,W] (voxels),
-#: iterations (int64 scalar), step, regularisation (float [1]) -> dvf_refined [1,3,D,H,W], similarity [1]
-REFINE_INPUTS = ("fixed", "moving", "dvf", "iterations", "step", "regularisation")
+#: iterations (int64 scalar), step, regularisation (float [1]), spacing (float [3]: voxel size along
+#: D, H, W) -> dvf_refined [1,3,D,H,W], similarity [1]
+REFINE_INPUTS = ("fixed", "moving", "dvf", "iterations", "step", "regularisation", "spacing")
 REFINE_OUTPUTS = ("dvf_refined", "similarity")
 #: affine refine graph: fixed, moving [1,1,D,H,W], matrix [1,3,4] (centred voxel affine: p -> c + M (p - c) + t),
 #: iterations (int64 scalar), step (float [1]) -> matrix_refined [1,3,4], similarity [1]
 REFINE_AFFINE_INPUTS = ("fixed", "moving", "matrix", "iterations", "step")
 REFINE_AFFINE_OUTPUTS = ("matrix_refined", "similarity")
+#: inputs that graphs of earlier exports lack (the runtime then does without: isotropic refine levels)
+OPTIONAL_INPUTS = {REFINE: ("spacing",)}
 
 #: metadata_props keys (values are strings; JSON where structured)
 META_FORMAT = "gvsl.format"  # FORMAT

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from gvsl.cli.main import app
 from gvsl.export.refine_graph import REFINE_ATOL, check_refine_tensorrt, export_refine, verify_refine
-from gvsl.refine import RefineSettings, cc_force, local_cc, refine, sample_clamped
+from gvsl.refine import RefineSettings, axis_scale, box_window, cc_force, local_cc, refine, sample_clamped
 from gvsl.runtime import GvslInputError
 from gvsl.runtime.backends import load_backend
 from gvsl.runtime.default_model import default_model_dir
@@ -135,19 +135,92 @@ def test_refine_graph_matches_torch_after_iterations(refine_onnx):
             "iterations": np.array(7, np.int64),
             "step": np.array([0.4], np.float32),
             "regularisation": np.array([0.6], np.float32),
+            "spacing": np.array([2.0, 3.0, 2.5], np.float32),  # thick voxels along H: kernels in mm
         }
     )
     settings = RefineSettings(radius=2, sigma_update=1.5)
-    ref = refine(
-        torch.from_numpy(image)[None, None], torch.from_numpy(moving)[None, None], start, 7, 0.4, 0.6, settings
-    )
+    fixed_t, moving_t = torch.from_numpy(image)[None, None], torch.from_numpy(moving)[None, None]
+    ref = refine(fixed_t, moving_t, start, 7, 0.4, 0.6, settings, spacing=(2.0, 3.0, 2.5))
     assert np.abs(out["dvf_refined"] - ref.numpy()).max() <= REFINE_ATOL
-    warped = sample_clamped(torch.from_numpy(moving)[None, None], identity_grid(image.shape) + ref)
-    assert abs(float(out["similarity"][0]) - float(local_cc(torch.from_numpy(image)[None, None], warped, 2))) < 1e-4
+    isotropic = refine(fixed_t, moving_t, start, 7, 0.4, 0.6, settings)
+    assert float((isotropic - ref).abs().max()) > 100 * REFINE_ATOL  # the voxel sizes are used
+    warped = sample_clamped(moving_t, identity_grid(image.shape) + ref)
+    window = box_window(fixed_t, 2, axis_scale(torch.tensor([2.0, 3.0, 2.5])))
+    assert abs(float(out["similarity"][0]) - float(local_cc(fixed_t, warped, window=window))) < 1e-4
+
+
+def _world_phantom(shape, spacing) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The same two-label phantom (in mm) sampled on any grid: image, labels, voxel positions in mm."""
+    spacing = np.asarray(spacing, dtype=np.float64)
+    mm = np.indices(shape).astype(np.float64) * spacing.reshape(3, 1, 1, 1)
+    extent = np.asarray(shape) * spacing
+    centre = (extent - spacing) / 2
+    r = np.sqrt(sum(((mm[a] - centre[a]) / (0.36 * extent[a])) ** 2 for a in range(3)))
+    inner = np.sqrt(sum(((mm[a] - centre[a] - 3) / (0.17 * extent[a])) ** 2 for a in range(3)))
+    labels = np.where(inner < 1, 2, np.where(r < 1, 1, 0)).astype(np.uint8)
+    texture = 0.1 * np.sin(mm[0] / 3.0) * np.cos(mm[1] / 4.0) * np.sin(mm[2] / 5.0 + 0.5)
+    return (labels * 0.4 + texture).astype(np.float32), labels, mm
+
+
+def test_refinement_on_thick_slices_matches_the_isotropic_grid_in_mm():
+    """One physical problem on a 1 mm grid and on one with 2 mm slices: with the voxel sizes given,
+    the refined world fields agree (kernels, window and step are in mm); with voxel-unit
+    kernels the thick grid is over-smoothed along its slices and scores lower."""
+    fields, scores = {}, {}
+    grids = (("iso", (1, 1, 1), (1, 1, 1)), ("thick", (1, 1, 2), (1, 1, 2)), ("voxel", (1, 1, 2), None))
+    for name, spacing, given in grids:
+        shape = (30, 32, 28 // spacing[2])
+        image, labels, mm = _world_phantom(shape, spacing)
+        truth_mm = np.stack([3 * np.sin(mm[1] / 9), 3 * np.cos(mm[2] / 10 + 0.3), 3 * np.sin(mm[0] / 8 - 0.2)])
+        truth = torch.from_numpy((truth_mm / np.reshape(spacing, (3, 1, 1, 1))).astype(np.float32))[None]
+        fixed = torch.from_numpy(image)[None, None]
+        moving = dvf_warp(fixed, -truth)
+        moving_labels = dvf_warp(torch.from_numpy(labels.astype(np.float32))[None, None], -truth, mode="nearest")
+        field = refine(fixed, moving, None, 40, 0.5, 0.3, spacing=given)
+        warped = dvf_warp(moving_labels, field, mode="nearest")[0, 0].numpy()
+        scores[name] = np.mean([dice(labels == k, warped == k) for k in (1, 2)])
+        fields[name] = field[0].numpy() * np.reshape(spacing, (3, 1, 1, 1))
+    iso_on_thick = fields["iso"][..., ::2]  # the iso grid's voxels at the thick grid's centres
+    gap = {name: float(np.abs(fields[name] - iso_on_thick).mean()) for name in ("thick", "voxel")}
+    assert scores["iso"] > 0.92 and scores["thick"] > 0.92, scores  # from ~0.55 / 0.59 before
+    assert scores["thick"] > scores["voxel"] + 0.015, scores
+    assert gap["thick"] < 0.25 and gap["thick"] < 0.5 * gap["voxel"], gap  # mm
 
 
 def test_refine_graph_passes_the_tensorrt_op_check(refine_onnx):
     assert check_refine_tensorrt(refine_onnx) == []
+
+
+def test_a_refine_graph_without_voxel_sizes_still_refines_on_isotropic_levels(refine_onnx, tmp_path):
+    """A refine.onnx exported before the graph took ``spacing`` keeps working: the runtime feeds it
+    no voxel sizes and plans isotropic levels for it."""
+    import onnx
+    from onnx import helper
+
+    from gvsl.runtime.preprocess import PreprocessConfig
+    from gvsl.runtime.refine import refine_world_field
+
+    old = onnx.load(str(refine_onnx))
+    kept = [i for i in old.graph.input if i.name != "spacing"]
+    del old.graph.input[:]
+    old.graph.input.extend(kept)
+    ones = helper.make_node("Constant", [], ["spacing"], value=helper.make_tensor("ones", 1, [3], [1.0, 1.0, 1.0]))
+    old.graph.node.insert(0, ones)
+    onnx.save(old, str(tmp_path / "refine.onnx"))
+    image, _ = _phantom((24, 26, 10))
+    affine = np.diag([2.0, 2.0, 6.0, 1.0])
+    fixed = volume_from_array(image * 1000, affine, "fixed")
+    moving = volume_from_array(np.roll(image, 1, axis=0) * 1000, affine, "moving")
+    cfg = PreprocessConfig(spacing=None, modality="mr")
+    options = RefineOptions(iterations=4, levels=(2.0,))
+    grids = {}
+    for name, path in (("current", refine_onnx), ("older", tmp_path / "refine.onnx")):
+        backend = load_backend(path, "refine", "onnxruntime", "cpu")
+        assert ("spacing" in backend.input_names) == (name == "current")
+        result = refine_world_field(backend, fixed, moving, cfg, None, None, np.eye(4), options)
+        grids[name] = result.levels[0]["grid_mm"]
+        assert result.levels[0]["local_cc"] > 0.5
+    assert grids == {"current": [2.0, 2.0, 3.0], "older": [2.0, 2.0, 2.0]}
 
 
 def test_shipped_default_model_has_a_current_refine_graph():
@@ -204,8 +277,10 @@ def test_refine_options_and_levels_are_checked():
     plan = plan_levels((8.0, 4.0, 2.0, 1.0), fine)
     assert [grid for _, grid in plan] == [(8.0,) * 3, (4.0,) * 3, (3.0,) * 3]  # nothing finer than the scan
     thick = volume_from_array(np.zeros((40, 40, 12), np.float32), np.diag([1.5, 1.5, 10.0, 1.0]), "thick")
-    # grids stay isotropic, at most as fine as the scan's finest spacing
-    assert [grid for _, grid in plan_levels((4.0, 1.0), thick)] == [(4.0,) * 3, (1.5,) * 3]
+    # thick slices: half their spacing along them (never finer than the scan's finest spacing)
+    assert [grid for _, grid in plan_levels((6.0, 4.0, 1.0), thick)] == [(6.0,) * 3, (4.0, 4.0, 5.0), (1.5, 1.5, 5.0)]
+    # a refinement graph without voxel sizes (older export): isotropic grids
+    assert [grid for _, grid in plan_levels((4.0, 1.0), thick, anisotropic=False)] == [(4.0,) * 3, (1.5,) * 3]
 
 
 # ----------------------------------------------------------------------------- through the runtime

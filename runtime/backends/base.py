@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,10 +71,13 @@ class Backend(ABC):
 
     name: str = "backend"
     info: ModelInfo
+    #: the inputs the loaded graph really has, where it may lack optional ones (set by the backend)
+    graph_inputs: tuple[str, ...] | None = None
 
     @property
     def input_names(self) -> tuple[str, ...]:
-        return GRAPH_IO[self.info.kind][0]
+        """The inputs ``run`` reads: the contract's, less the optional ones an older graph lacks."""
+        return self.graph_inputs if self.graph_inputs is not None else GRAPH_IO[self.info.kind][0]
 
     @property
     @abstractmethod
@@ -151,6 +154,17 @@ def shape_str(shape: Sequence[int]) -> str:
     return "x".join(str(int(s)) for s in shape)
 
 
+def contract_inputs(kind: str, present: Collection[str]) -> tuple[str, ...] | None:
+    """The contract's inputs of a ``kind`` graph whose inputs are ``present``, in contract order;
+    ``None`` when they are not the contract's (optional inputs of older exports may be absent)."""
+    want = GRAPH_IO[kind][0]
+    optional = set(artifact.OPTIONAL_INPUTS.get(kind, ()))
+    have = set(present)
+    if not (set(want) - optional <= have <= set(want)):
+        return None
+    return tuple(n for n in want if n in have)
+
+
 def input_profile(info: ModelInfo, max_shape: Sequence[int] | None, max_batch: int) -> dict[str, tuple]:
     """(min, opt, max) input shapes for engine builders: encoder windows never exceed
     the patch; the registration graph takes the whole padded volume up to ``max_shape``; the
@@ -162,6 +176,7 @@ def input_profile(info: ModelInfo, max_shape: Sequence[int] | None, max_batch: i
             prof[name] = ((1, channels, 2, 2, 2), (1, channels, 96, 96, 96), (1, channels, *top))
         prof["iterations"] = ((), (), ())
         prof["step"] = prof["regularisation"] = ((1,), (1,), (1,))
+        prof["spacing"] = ((3,), (3,), (3,))
         prof["matrix"] = ((1, 3, 4), (1, 3, 4), (1, 3, 4))
         return {n: prof[n] for n in GRAPH_IO[info.kind][0]}
     patch = tuple(int(p) for p in info.patch_size)
@@ -178,6 +193,7 @@ def input_profile(info: ModelInfo, max_shape: Sequence[int] | None, max_batch: i
 __all__ = [
     "DEFAULT_PATCH",
     "GRAPH_IO",
+    "contract_inputs",
     "Backend",
     "ModelInfo",
     "cache_folder",

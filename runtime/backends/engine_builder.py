@@ -118,10 +118,13 @@ def build_serialized_engine(
     cache_path = Path(timing_cache) if timing_cache else None
     cache_bytes = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
     config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=True)
+    # a graph of an older export may lack an optional input of the profile (artifact.OPTIONAL_INPUTS)
+    present = {network.get_input(i).name for i in range(network.num_inputs)}
     for shapes in profiles:
         profile = builder.create_optimization_profile()
         for input_name, (lo, opt, hi) in shapes.items():
-            profile.set_shape(input_name, tuple(lo), tuple(opt), tuple(hi))
+            if input_name in present:
+                profile.set_shape(input_name, tuple(lo), tuple(opt), tuple(hi))
         config.add_optimization_profile(profile)
     if log:
         log(f"building an engine from {name} (TensorRT {trt.__version__}, {precision}); this takes minutes")

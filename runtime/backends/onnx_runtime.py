@@ -20,7 +20,17 @@ from typing import Any
 import numpy as np
 
 from ..errors import GvslInputError
-from .base import GRAPH_IO, Backend, ModelInfo, cache_folder, check_device, device_index, input_profile, shape_str
+from .base import (
+    GRAPH_IO,
+    Backend,
+    ModelInfo,
+    cache_folder,
+    check_device,
+    contract_inputs,
+    device_index,
+    input_profile,
+    shape_str,
+)
 from .model_files import import_onnxruntime, info_from_metadata, not_onnx_error, read_onnx_metadata
 from .registry import register_backend
 
@@ -80,8 +90,8 @@ class OnnxRuntimeBackend(Backend):
         self.info = info_from_metadata(meta, path, kind)
         names = {o.name for o in self.session.get_outputs()}
         ins = {i.name: i for i in self.session.get_inputs()}
-        want = set(self.input_names)
-        if set(ins) != want or not {o for o in GRAPH_IO[kind][1] if o != "features"} <= names:
+        self.graph_inputs = contract_inputs(kind, ins)
+        if self.graph_inputs is None or not {o for o in GRAPH_IO[kind][1] if o != "features"} <= names:
             raise GvslInputError(
                 f"{path}: graph I/O {sorted(ins)} -> {sorted(names)} is not the gvsl {kind} contract; "
                 "export it again with `gvsl export`",

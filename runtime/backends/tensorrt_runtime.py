@@ -40,6 +40,7 @@ from .base import (
     ModelInfo,
     cache_folder,
     check_device,
+    contract_inputs,
     device_index,
     file_sha256,
     input_profile,
@@ -133,8 +134,10 @@ class TensorRTBackend(Backend):
         self._outputs = tuple(
             o for o in GRAPH_IO[kind][1] if o in names and self.engine.get_tensor_mode(o) == trt.TensorIOMode.OUTPUT
         )
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.graph_inputs = contract_inputs(kind, inputs)
         missing = [n for n in GRAPH_IO[kind][0] if n not in names]
-        if missing:
+        if self.graph_inputs is None:
             raise GvslInputError(
                 f"{self.info.path}: the engine has no input {', '.join(missing)}; it is not a gvsl {kind} engine",
                 self.info.path,
