@@ -419,20 +419,27 @@ def _write_triton(
 
 def _export_refine(folder: Path, verify: bool) -> list[dict[str, Any]]:
     """Write ``refine.onnx`` and ``refine_affine.onnx`` (the instance-refinement graphs, no learned
-    weights) and return their manifest entries; the deformable one is checked against PyTorch."""
-    from gvsl.export.refine_graph import REFINE_ATOL, check_refine_tensorrt, export_refine, verify_refine
+    weights) and return their manifest entries, each checked against PyTorch when ``verify``."""
+    from gvsl.export.refine_graph import (
+        REFINE_ATOL,
+        check_refine_tensorrt,
+        export_refine,
+        verify_refine,
+        verify_refine_affine,
+    )
     from gvsl.refine import RefineSettings
 
     settings = RefineSettings()
     entries = []
+    verifiers = {artifact.REFINE: verify_refine, artifact.REFINE_AFFINE: verify_refine_affine}
     for kind in (artifact.REFINE, artifact.REFINE_AFFINE):
         path = export_refine(folder / f"{kind}.onnx", settings, kind=kind)
         parity = []
-        if verify and kind == artifact.REFINE:
-            result = verify_refine(path, settings)
+        if verify:
+            result = verifiers[kind](path, settings)
             if not result["passed"]:
                 raise ExportError(
-                    f"refine.onnx: parity with PyTorch failed (max |diff| {result['max_abs']:.2e} > {REFINE_ATOL:g} "
+                    f"{path.name}: parity with PyTorch failed (max |diff| {result['max_abs']:.2e} > {REFINE_ATOL:g} "
                     f"after {result['iterations']} iterations); nothing was written (report this with the command line)"
                 )
             parity.append(result)

@@ -15,7 +15,13 @@ from scipy import ndimage
 from typer.testing import CliRunner
 
 from gvsl.cli.main import app
-from gvsl.export.refine_graph import REFINE_ATOL, check_refine_tensorrt, export_refine, verify_refine
+from gvsl.export.refine_graph import (
+    REFINE_ATOL,
+    check_refine_tensorrt,
+    export_refine,
+    verify_refine,
+    verify_refine_affine,
+)
 from gvsl.refine import RefineSettings, axis_scale, box_window, cc_force, local_cc, refine, sample_clamped
 from gvsl.runtime import GvslInputError
 from gvsl.runtime.backends import load_backend
@@ -226,6 +232,11 @@ def test_a_refine_graph_without_voxel_sizes_still_refines_on_isotropic_levels(re
 def test_shipped_default_model_has_a_current_refine_graph():
     shipped = default_model_dir() / "refine.onnx"
     assert verify_refine(shipped)["passed"]
+    assert verify_refine_affine(default_model_dir() / "refine_affine.onnx")["passed"]
+    manifest = json.loads((default_model_dir() / "manifest.json").read_text())
+    for entry in manifest["artifacts"]:
+        if entry["kind"] in ("refine", "refine_affine"):  # each graph's parity is on record
+            assert [p["passed"] for p in entry["parity"]] == [True], entry["file"]
     meta = load_backend(shipped, "refine", "onnxruntime", "cpu").info.extra["refine"]
     assert meta == RefineSettings().to_dict()
 
