@@ -105,7 +105,11 @@ def register(
         ),
     ] = REFINE_DEFAULTS.iterations,
     refine_levels: Annotated[
-        str, typer.Option(help="Refinement pyramid: isotropic spacings in mm, coarse to fine, e.g. 6,3 or 6,3,1.5.")
+        str,
+        typer.Option(
+            help="Refinement pyramid: spacings in mm, coarse to fine, e.g. 6,3 or 6,3,1.5 (along thick "
+            "slices a level keeps half the slice spacing)."
+        ),
     ] = format_levels(REFINE_DEFAULTS.levels),
     refine_affine: Annotated[
         int,

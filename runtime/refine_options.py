@@ -23,9 +23,9 @@ SIMILARITIES = ("ncc",)
 @dataclass(frozen=True)
 class RefineOptions:
     """How ``gvsl register`` refines: ``iterations`` at the coarsest level (0 = network only;
-    ``decay`` times fewer at each finer one), the
-    pyramid ``levels`` (isotropic spacings in mm, coarse to fine), ``step`` (largest
-    update per iteration, in voxels of each level), ``regularisation`` (0..1: how far
+    ``decay`` times fewer at each finer one), the pyramid ``levels`` (spacings in mm, coarse
+    to fine; :func:`gvsl.runtime.refine.plan_levels`), ``step`` (largest update per
+    iteration, in voxels of each level's finest axis), ``regularisation`` (0..1: how far
     the total field is pulled towards its smoothed self each step) and ``similarity``."""
 
     iterations: int = 20
