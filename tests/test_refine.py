@@ -173,6 +173,7 @@ def test_refinement_on_thick_slices_matches_the_isotropic_grid_in_mm():
     the refined world fields agree (kernels, window and step are in mm); with voxel-unit
     kernels the thick grid is over-smoothed along its slices and scores lower."""
     fields, scores = {}, {}
+    settings = RefineSettings(sigma_update=2.0, truncate=3.0)  # the mechanism, not the defaults, is tested
     grids = (("iso", (1, 1, 1), (1, 1, 1)), ("thick", (1, 1, 2), (1, 1, 2)), ("voxel", (1, 1, 2), None))
     for name, spacing, given in grids:
         shape = (30, 32, 28 // spacing[2])
@@ -182,7 +183,7 @@ def test_refinement_on_thick_slices_matches_the_isotropic_grid_in_mm():
         fixed = torch.from_numpy(image)[None, None]
         moving = dvf_warp(fixed, -truth)
         moving_labels = dvf_warp(torch.from_numpy(labels.astype(np.float32))[None, None], -truth, mode="nearest")
-        field = refine(fixed, moving, None, 40, 0.5, 0.3, spacing=given)
+        field = refine(fixed, moving, None, 40, 0.5, 0.3, settings, spacing=given)
         warped = dvf_warp(moving_labels, field, mode="nearest")[0, 0].numpy()
         scores[name] = np.mean([dice(labels == k, warped == k) for k in (1, 2)])
         fields[name] = field[0].numpy() * np.reshape(spacing, (3, 1, 1, 1))
