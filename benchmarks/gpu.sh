@@ -13,7 +13,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-gpu-bench}}
 PHASES=${*:2}
-PHASES=${PHASES:-"encoder registration train engines ort compile"}
+PHASES=${PHASES:-"encoder registration refine train engines ort compile"}
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/gpu.log"
 START=$(date +%s)
@@ -80,6 +80,11 @@ for phase in $PHASES; do
     registration)  # target: <= 12 ms per pair at batch 1
         bench 60 gpu_registration --kind registration --sizes 128 --batch 1 --repeats 20 --warmup 3 \
             --backend torch,torch-bf16,torch-cudagraph ;;
+    refine)  # issue 11's target: <= 100 ms for a 160^3 pair, network + refinement (torch CUDA path)
+        log "benchmarks/refine_gpu.py (limit 90s)"
+        timeout --signal=INT --kill-after=20 90 $PY benchmarks/refine_gpu.py --device cuda --size 160 --repeats 10 \
+            >"$OUT_DIR/gpu_refine.md" 2>>"$LOG"
+        log "exit $? -> $OUT_DIR/gpu_refine.md" ;;
     train)  # target: >= 5x the official-style samples/s
         bench 90 gpu_train --train-only --sizes 128 --train-batch 4 --repeats 5 --warmup 2 ;;
     engines)  # native TensorRT encoder engines (each build takes a minute or more)
@@ -94,7 +99,7 @@ for phase in $PHASES; do
     compile)  # torch.compile (compiles for a minute or more)
         bench 60 gpu_compile --kind encoder --sizes 128 --batch 8 --repeats 10 --warmup 2 \
             --backend torch,torch-compile --no-memory ;;
-    *) log "unknown phase $phase (encoder registration train engines engines_registration ort compile)" ;;
+    *) log "unknown phase $phase (encoder registration refine train engines engines_registration ort compile)" ;;
     esac
 done
 log "done; tables:"

@@ -132,9 +132,9 @@ def gaussian_taps(sigma: float, truncate: float = 3.0, scale: torch.Tensor | Non
     width in mm, with the outer taps near zero); ``[3, 1]`` ones for sigma 0."""
     scale = torch.ones(3) if scale is None else scale
     if sigma <= 0:
-        return torch.ones(3, 1, dtype=scale.dtype)
+        return torch.ones(3, 1, dtype=scale.dtype, device=scale.device)
     half = max(1, int(math.ceil(truncate * sigma)))
-    x = torch.arange(-half, half + 1, dtype=torch.int64).to(scale.dtype)
+    x = torch.arange(-half, half + 1, dtype=torch.int64, device=scale.device).to(scale.dtype)
     taps = torch.exp(-0.5 * (x.view(1, -1) * (scale.view(3, 1) / sigma)) ** 2)
     return taps / taps.sum(dim=1, keepdim=True)
 
@@ -143,7 +143,7 @@ def box_taps(radius: int, scale: torch.Tensor | None = None) -> torch.Tensor:
     """Box-filter taps per axis, ``[3, 2 radius + 1]`` (ones inside the window, zeros outside): a
     half-width of ``radius`` voxels of the finest axis, ``round(radius / scale)`` on a coarser one."""
     scale = torch.ones(3) if scale is None else scale
-    x = torch.arange(-radius, radius + 1, dtype=torch.int64).to(scale.dtype)
+    x = torch.arange(-radius, radius + 1, dtype=torch.int64, device=scale.device).to(scale.dtype)
     reach = torch.floor(radius / scale + 0.5).view(3, 1)
     return (torch.abs(x).view(1, -1) <= reach).to(scale.dtype)
 
@@ -187,7 +187,7 @@ Window = tuple[torch.Tensor, torch.Tensor]
 def box_window(like: torch.Tensor, radius: int, scale: torch.Tensor | None = None) -> Window:
     """The local-CC window on the grid of ``like``: ``radius`` voxels of the finest axis, border
     windows cropped."""
-    taps = box_taps(radius, scale).to(like.dtype)
+    taps = box_taps(radius, scale).to(like)  # dtype and device of the images
     return taps, smooth_norm(like, taps)
 
 
@@ -271,7 +271,8 @@ def _sizes(volume: torch.Tensor) -> list[Any]:
 
 
 def _grid_sample_border(src: torch.Tensor, locs: torch.Tensor) -> torch.Tensor:
-    scale = torch.tensor([2.0 / max(int(n) - 1, 1) for n in src.shape[2:]], dtype=locs.dtype).view(1, 3, 1, 1, 1)
+    sizes = [2.0 / max(int(n) - 1, 1) for n in src.shape[2:]]
+    scale = torch.tensor(sizes, dtype=locs.dtype, device=locs.device).view(1, 3, 1, 1, 1)
     grid = (locs * scale - 1.0).permute(0, 2, 3, 4, 1).flip(-1)
     return F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
@@ -361,7 +362,7 @@ def refine_constants(
     any unit; ``None`` = isotropic): the settings' kernels per axis in physical units, then
     the fixed image's local moments and the renormalisers, all computed once per level."""
     settings = settings or RefineSettings()
-    scale = torch.ones(3, dtype=fixed.dtype) if spacing is None else axis_scale(spacing.to(fixed.dtype))
+    scale = torch.ones(3, dtype=fixed.dtype, device=fixed.device) if spacing is None else axis_scale(spacing.to(fixed))
     update_taps = gaussian_taps(settings.sigma_update, settings.truncate, scale)
     total_taps = gaussian_taps(settings.sigma_total, settings.truncate, scale)
     window = box_window(fixed, settings.radius, scale)
@@ -445,15 +446,17 @@ def refine(
     """
     settings = settings or RefineSettings()
     module = RefineStep(settings)
-    field = torch.zeros(fixed.shape[0], 3, *fixed.shape[2:], dtype=fixed.dtype) if dvf is None else dvf
-    step_t = torch.tensor([float(step)], dtype=fixed.dtype)
-    reg_t = torch.tensor([float(regularisation)], dtype=fixed.dtype)
-    reference = torch.ones(1, dtype=fixed.dtype)
-    spacing_t = torch.ones(3, dtype=fixed.dtype) if spacing is None else torch.tensor(spacing, dtype=fixed.dtype)
+    like = {"dtype": fixed.dtype, "device": fixed.device}  # on the images' device (CPU or GPU)
+    field = torch.zeros(fixed.shape[0], 3, *fixed.shape[2:], **like) if dvf is None else dvf
+    step_t = torch.tensor([float(step)], **like)
+    reg_t = torch.tensor([float(regularisation)], **like)
+    reference = torch.ones(1, **like)
+    spacing_t = torch.ones(3, **like) if spacing is None else torch.tensor(spacing, **like)
     with torch.no_grad():
         constants = RefineConstants(settings)(fixed, spacing_t)
         for k in range(int(iterations)):
-            field, reference = module(fixed, moving, field, step_t, reg_t, torch.tensor(k), reference, *constants)
+            iteration = torch.tensor(k, device=fixed.device)
+            field, reference = module(fixed, moving, field, step_t, reg_t, iteration, reference, *constants)
     return field
 
 
@@ -550,12 +553,14 @@ def refine_affine(
 ) -> torch.Tensor:
     """``iterations`` steps of :func:`affine_step` from ``matrix`` (identity when ``None``)."""
     settings = settings or RefineSettings()
-    current = torch.eye(3, 4, dtype=fixed.dtype)[None] if matrix is None else matrix
-    step_t = torch.tensor([float(step)], dtype=fixed.dtype)
-    total = torch.tensor(int(iterations))
+    like = {"dtype": fixed.dtype, "device": fixed.device}
+    current = torch.eye(3, 4, **like)[None] if matrix is None else matrix
+    step_t = torch.tensor([float(step)], **like)
+    total = torch.tensor(int(iterations), device=fixed.device)
     with torch.no_grad():
         for k in range(int(iterations)):
-            current = affine_step(fixed, moving, current, step_t, torch.tensor(k), total, settings.radius)
+            iteration = torch.tensor(k, device=fixed.device)
+            current = affine_step(fixed, moving, current, step_t, iteration, total, settings.radius)
     return current
 
 

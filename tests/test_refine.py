@@ -103,6 +103,22 @@ def test_cc_force_points_along_the_shift():
     assert float(force[0, 0].sum()) > 10 * abs(float(force[0, 1].sum())) > 0
 
 
+@pytest.mark.gpu
+def test_refinement_runs_on_a_cuda_device_like_on_the_cpu():
+    """The eager refinement (benchmarks/refine_gpu.py's path) keeps every tensor on the images'
+    device and gives the CPU's field."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    image, _ = _phantom((20, 22, 18))
+    fixed = torch.from_numpy(image)[None, None]
+    moving = torch.roll(fixed, shifts=1, dims=2)
+    start = _known_field(image.shape, 0.5)
+    on_cpu = refine(fixed, moving, start, 8, spacing=(1.0, 1.0, 2.0))
+    on_gpu = refine(fixed.cuda(), moving.cuda(), start.cuda(), 8, spacing=(1.0, 1.0, 2.0))
+    assert on_gpu.device.type == "cuda"
+    assert float((on_gpu.cpu() - on_cpu).abs().max()) < 1e-3
+
+
 @pytest.mark.parametrize("channels", [1, 3])  # an image (lerps) and a field (shared corner weights)
 def test_clamped_sampler_matches_between_eager_and_traced_paths(channels):
     rng = np.random.default_rng(0)
