@@ -362,49 +362,58 @@ VERIFY_ITERATIONS = 10
 VERIFY_SPACINGS = ((1.0, 1.0, 1.0), (1.0, 1.5, 3.2))
 
 
+def _parity_pair(shift: tuple[int, ...], axes: tuple[int, ...]) -> tuple[Any, Any]:
+    """The parity checks' pair: smooth random ``fixed`` in [0, 1] (20 x 18 x 22) and ``moving``,
+    the same rolled by ``shift`` voxels along ``axes`` (numpy float32)."""
+    import numpy as np
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    fixed = ndimage.gaussian_filter(rng.random((20, 18, 22)), 1.5).astype(np.float32)
+    fixed = (fixed - fixed.min()) / (fixed.max() - fixed.min())
+    return fixed, np.roll(fixed, shift, axis=axes)
+
+
+def _parity(path: str | os.PathLike[str], feeds: list[dict[str, Any]], reference: Any) -> dict[str, Any]:
+    """Run the graph at ``path`` in ONNX Runtime on each feed and compare its first output with
+    ``reference(feed)`` (the PyTorch result); the largest difference over the feeds."""
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    err = max(float(np.abs(session.run(None, feed)[0] - reference(feed)).max()) for feed in feeds)
+    return {"graph": Path(path).name, "iterations": VERIFY_ITERATIONS, "max_abs": err, "passed": err <= REFINE_ATOL}
+
+
 def verify_refine(path: str | os.PathLike[str], settings: RefineSettings | None = None) -> dict[str, Any]:
     """Run ``refine.onnx`` in ONNX Runtime and :func:`gvsl.refine.refine` in PyTorch on a smooth
     random pair with a known shift, on each grid of :data:`VERIFY_SPACINGS`; returns
     ``{"max_abs": ..., "passed": ...}`` (the largest difference over them)."""
     import numpy as np
-    import onnxruntime as ort
-    from scipy import ndimage
 
     from gvsl.refine import refine
 
     settings = settings or RefineSettings()
-    rng = np.random.default_rng(0)
-    fixed = ndimage.gaussian_filter(rng.random((20, 18, 22)), 1.5).astype(np.float32)
-    fixed = (fixed - fixed.min()) / (fixed.max() - fixed.min())
-    moving = np.roll(fixed, 1, axis=0)
-    field = np.zeros((1, 3, *fixed.shape), dtype=np.float32)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    err = 0.0
-    for spacing in VERIFY_SPACINGS:
-        got, _ = session.run(
-            None,
-            {
-                "fixed": fixed[None, None],
-                "moving": moving[None, None],
-                "dvf": field,
-                "iterations": np.array(VERIFY_ITERATIONS, dtype=np.int64),
-                "step": np.array([0.5], dtype=np.float32),
-                "regularisation": np.array([0.3], dtype=np.float32),
-                "spacing": np.asarray(spacing, dtype=np.float32),
-            },
-        )
-        ref = refine(
-            torch.from_numpy(fixed)[None, None],
-            torch.from_numpy(moving)[None, None],
-            torch.from_numpy(field),
-            VERIFY_ITERATIONS,
-            0.5,
-            0.3,
-            settings,
-            spacing,
-        ).numpy()
-        err = max(err, float(np.abs(got - ref).max()))
-    return {"graph": Path(path).name, "iterations": VERIFY_ITERATIONS, "max_abs": err, "passed": err <= REFINE_ATOL}
+    fixed, moving = _parity_pair((1,), (0,))
+    feeds = [
+        {
+            "fixed": fixed[None, None],
+            "moving": moving[None, None],
+            "dvf": np.zeros((1, 3, *fixed.shape), dtype=np.float32),
+            "iterations": np.array(VERIFY_ITERATIONS, dtype=np.int64),
+            "step": np.array([0.5], dtype=np.float32),
+            "regularisation": np.array([0.3], dtype=np.float32),
+            "spacing": np.asarray(spacing, dtype=np.float32),
+        }
+        for spacing in VERIFY_SPACINGS
+    ]
+
+    def reference(feed: dict[str, Any]) -> Any:
+        images = (torch.from_numpy(feed[name]) for name in ("fixed", "moving", "dvf"))
+        spacing = tuple(float(s) for s in feed["spacing"])
+        return refine(*images, VERIFY_ITERATIONS, 0.5, 0.3, settings, spacing).numpy()
+
+    return _parity(path, feeds, reference)
 
 
 def verify_refine_affine(path: str | os.PathLike[str], settings: RefineSettings | None = None) -> dict[str, Any]:
@@ -412,38 +421,24 @@ def verify_refine_affine(path: str | os.PathLike[str], settings: RefineSettings 
     on a smooth random pair with a known shift; returns ``{"max_abs": ..., "passed": ...}`` (the
     largest difference of the refined ``[M | t]``, voxels)."""
     import numpy as np
-    import onnxruntime as ort
-    from scipy import ndimage
 
     from gvsl.refine import refine_affine
 
     settings = settings or RefineSettings()
-    rng = np.random.default_rng(0)
-    fixed = ndimage.gaussian_filter(rng.random((20, 18, 22)), 1.5).astype(np.float32)
-    fixed = (fixed - fixed.min()) / (fixed.max() - fixed.min())
-    moving = np.roll(fixed, (1, -1), axis=(0, 2))
-    matrix = np.eye(3, 4, dtype=np.float32)[None]
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got, _ = session.run(
-        None,
-        {
-            "fixed": fixed[None, None],
-            "moving": moving[None, None],
-            "matrix": matrix,
-            "iterations": np.array(VERIFY_ITERATIONS, dtype=np.int64),
-            "step": np.array([1.0], dtype=np.float32),
-        },
-    )
-    ref = refine_affine(
-        torch.from_numpy(fixed)[None, None],
-        torch.from_numpy(moving)[None, None],
-        torch.from_numpy(matrix),
-        VERIFY_ITERATIONS,
-        1.0,
-        settings,
-    ).numpy()
-    err = float(np.abs(got - ref).max())
-    return {"graph": Path(path).name, "iterations": VERIFY_ITERATIONS, "max_abs": err, "passed": err <= REFINE_ATOL}
+    fixed, moving = _parity_pair((1, -1), (0, 2))
+    feed = {
+        "fixed": fixed[None, None],
+        "moving": moving[None, None],
+        "matrix": np.eye(3, 4, dtype=np.float32)[None],
+        "iterations": np.array(VERIFY_ITERATIONS, dtype=np.int64),
+        "step": np.array([1.0], dtype=np.float32),
+    }
+
+    def reference(feed: dict[str, Any]) -> Any:
+        images = (torch.from_numpy(feed[name]) for name in ("fixed", "moving", "matrix"))
+        return refine_affine(*images, VERIFY_ITERATIONS, 1.0, settings).numpy()
+
+    return _parity(path, [feed], reference)
 
 
 def check_refine_tensorrt(model: Any) -> list[Any]:
