@@ -557,3 +557,18 @@ def test_shapes_outside_the_engine_are_refused_in_one_line(fake_gpu, tmp_path):
     x = np.full((1, 1, 16, 16, 16), 2.0, np.float32)  # the context went back to the pool: it still answers
     np.testing.assert_allclose(backend.run({"image": x}, ["embedding"])["embedding"], [[2.0, 2.0, 2.0, 8192.0]])
     assert fake_gpu[0].engines[-1].contexts == 1
+
+
+def test_graph_contract_allows_only_the_optional_inputs_to_be_missing():
+    """A refine graph of an older export (no ``spacing``) is accepted with its own inputs; any
+    other missing or extra input is not the contract."""
+    from gvsl.runtime import artifact
+    from gvsl.runtime.backends.base import contract_inputs
+
+    full = artifact.REFINE_INPUTS
+    assert contract_inputs("refine", reversed(full)) == full  # contract order, whatever the graph's
+    older = tuple(n for n in full if n != "spacing")
+    assert contract_inputs("refine", older) == older
+    assert contract_inputs("refine", [n for n in full if n != "step"]) is None
+    assert contract_inputs("refine", [*full, "extra"]) is None
+    assert contract_inputs("registration", ["fixed"]) is None  # nothing optional there
