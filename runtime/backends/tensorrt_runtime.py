@@ -136,10 +136,10 @@ class TensorRTBackend(Backend):
         )
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.graph_inputs = contract_inputs(kind, inputs)
-        missing = [n for n in GRAPH_IO[kind][0] if n not in names]
         if self.graph_inputs is None:
             raise GvslInputError(
-                f"{self.info.path}: the engine has no input {', '.join(missing)}; it is not a gvsl {kind} engine",
+                f"{self.info.path}: the engine's inputs {sorted(inputs)} are not those of a gvsl {kind} engine "
+                f"({', '.join(GRAPH_IO[kind][0])}); export it again",
                 self.info.path,
             )
         if kind == "encoder" and "features" not in self._outputs:
