@@ -31,6 +31,7 @@ import torch.nn as nn
 from gvsl import __version__
 from gvsl.export.errors import ExportError
 from gvsl.refine import (
+    AffineConstants,
     AffineStep,
     LevelConstants,
     RefineConstants,
@@ -225,16 +226,23 @@ def _loop_model(
 
 
 class AffineSimilarity(nn.Module):
-    """Mean local CC of ``fixed`` and ``moving`` read through a centred voxel affine."""
+    """Mean local CC of ``fixed`` and ``moving`` read through a centred voxel affine, over the
+    window and with the fixed image's moments from :class:`gvsl.refine.AffineConstants`."""
 
-    def __init__(self, radius: int) -> None:
-        super().__init__()
-        self.radius = radius
-
-    def forward(self, fixed: torch.Tensor, moving: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        fixed: torch.Tensor,
+        moving: torch.Tensor,
+        matrix: torch.Tensor,
+        box_taps: torch.Tensor,
+        box_count: torch.Tensor,
+        fixed_mean: torch.Tensor,
+        fixed_variance: torch.Tensor,
+    ) -> torch.Tensor:
         sizes = [fixed.shape[2 + axis] for axis in range(3)]
         warped = sample_clamped(moving, affine_locations(matrix, sizes))
-        return local_cc(fixed, warped, self.radius).reshape(1)
+        cc = local_cc(fixed, warped, window=(box_taps, box_count), moments=(fixed_mean, fixed_variance))
+        return cc.reshape(1)
 
 
 def build_affine_model(settings: RefineSettings | None = None) -> Any:
@@ -250,13 +258,20 @@ def build_affine_model(settings: RefineSettings | None = None) -> Any:
     shape = (1, 1, 12, 10, 11)
     fixed, moving = torch.rand(*shape), torch.rand(*shape)
     matrix = torch.eye(3, 4)[None]
+    shared = ["box_taps", "box_count", "fixed_mean", "fixed_variance"]
+    prelude_module = AffineConstants(settings).eval()
+    prelude = _trace(prelude_module, (fixed,), ["fixed"], shared)
+    with torch.no_grad():
+        constants = prelude_module(fixed)
     body = _trace(
         AffineStep(settings).eval(),
-        (fixed, moving, matrix, torch.tensor([0.5]), torch.tensor(0), torch.tensor(10)),
-        ["fixed", "moving", "matrix_in", "step", "iteration", "iterations"],
+        (fixed, moving, matrix, torch.tensor([0.5]), torch.tensor(0), torch.tensor(10), *constants),
+        ["fixed", "moving", "matrix_in", "step", "iteration", "iterations", *shared],
         ["matrix_out"],
     )
-    cc = _trace(AffineSimilarity(settings.radius).eval(), (fixed, moving, matrix), ["fixed", "moving", "m"], ["sim"])
+    cc = _trace(
+        AffineSimilarity().eval(), (fixed, moving, matrix, *constants), ["fixed", "moving", "m", *shared], ["sim"]
+    )
     return _loop_model(
         prefix="affine",
         body=body,
@@ -277,6 +292,7 @@ def build_affine_model(settings: RefineSettings | None = None) -> Any:
         kind=artifact.REFINE_AFFINE,
         settings=settings,
         doc="GVSL affine refinement graph: local-CC ascent",
+        prelude=prelude,
     )
 
 

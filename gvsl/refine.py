@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from gvsl.spatial import identity_grid
 
 __all__ = [
+    "AffineConstants",
     "AffineStep",
     "LevelConstants",
     "RefineConstants",
@@ -68,6 +69,7 @@ __all__ = [
     "RefineStep",
     "Window",
     "advance",
+    "affine_constants",
     "affine_locations",
     "affine_step",
     "axis_scale",
@@ -197,10 +199,9 @@ def _box(maps: torch.Tensor, window: Window, channels: int) -> torch.Tensor:
     return _separable(maps, taps, channels) / count
 
 
-def fixed_moments(fixed: torch.Tensor, window: Window | int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Local mean and variance of ``fixed`` over the CC window (a :class:`Window`, or an isotropic
-    radius): constant while ``warped`` changes, so a refinement computes them once per level."""
-    window = box_window(fixed, window) if isinstance(window, int) else window
+def fixed_moments(fixed: torch.Tensor, window: Window) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local mean and variance of ``fixed`` over the CC window: constant while ``warped``
+    changes, so a refinement computes them once per level."""
     means = _box(torch.cat([fixed, fixed * fixed], dim=1), window, 2)
     mean_f, mean_ff = means[:, 0:1], means[:, 1:2]  # slices, not Split
     return mean_f, (mean_ff - mean_f * mean_f).clamp(min=0.0)
@@ -509,6 +510,13 @@ def affine_locations(matrix: torch.Tensor, sizes: list[Any]) -> torch.Tensor:
     return locs.reshape(1, 3, *sizes)
 
 
+def affine_constants(fixed: torch.Tensor, radius: int) -> tuple[torch.Tensor, ...]:
+    """What every affine step on one grid shares, computed once: the CC window's taps and voxel
+    counts (:func:`box_window`) and the fixed image's local mean and variance."""
+    window = box_window(fixed, radius)
+    return (*window, *fixed_moments(fixed, window))
+
+
 def affine_step(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -517,6 +525,7 @@ def affine_step(
     iteration: torch.Tensor,
     iterations: torch.Tensor,
     radius: int = 2,
+    constants: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """One gradient-ascent step of local CC for a centred voxel affine ``[1, 3, 4]``.
 
@@ -524,12 +533,14 @@ def affine_step(
     (``sum F q^T`` and ``sum F``, with ``q`` the centred voxel position); the
     linear part is scaled by the grid's half-extent so that one ``step``
     moves no voxel of the grid much more than ``step`` voxels, and the step
-    shrinks linearly to zero over ``iterations``.
+    shrinks linearly to zero over ``iterations``. ``constants`` are :func:`affine_constants`
+    of the grid (computed here when not given).
     """
+    box_taps, box_count, mean_f, s_ff = affine_constants(fixed, radius) if constants is None else constants
     sizes = _sizes(fixed)
     centred, _ = _centred_grid(sizes, matrix)
     warped = sample_clamped(moving, affine_locations(matrix, sizes))
-    force = cc_force(fixed, warped, radius).reshape(1, 3, -1)
+    force = cc_force(fixed, warped, moments=(mean_f, s_ff), window=(box_taps, box_count)).reshape(1, 3, -1)
     extent = torch.sqrt((centred * centred).sum(dim=1)).amax().clamp(min=1.0)
     grad_linear = force @ centred.transpose(1, 2)  # [1, 3, 3]
     grad_shift = force.sum(dim=2, keepdim=True)  # [1, 3, 1]
@@ -558,14 +569,16 @@ def refine_affine(
     step_t = torch.tensor([float(step)], **like)
     total = torch.tensor(int(iterations), device=fixed.device)
     with torch.no_grad():
+        constants = affine_constants(fixed, settings.radius)
         for k in range(int(iterations)):
             iteration = torch.tensor(k, device=fixed.device)
-            current = affine_step(fixed, moving, current, step_t, iteration, total, settings.radius)
+            current = affine_step(fixed, moving, current, step_t, iteration, total, settings.radius, constants)
     return current
 
 
 class AffineStep(nn.Module):
-    """:func:`affine_step` with the window radius fixed: the body traced into ``refine_affine.onnx``."""
+    """:func:`affine_step` with the window radius fixed: the body traced into ``refine_affine.onnx``;
+    the trailing inputs are the outputs of :class:`AffineConstants` for the same grid."""
 
     def __init__(self, settings: RefineSettings | None = None) -> None:
         super().__init__()
@@ -579,5 +592,18 @@ class AffineStep(nn.Module):
         step: torch.Tensor,
         iteration: torch.Tensor,
         iterations: torch.Tensor,
+        *constants: torch.Tensor,
     ) -> torch.Tensor:
-        return affine_step(fixed, moving, matrix, step, iteration, iterations, self.settings.radius)
+        return affine_step(fixed, moving, matrix, step, iteration, iterations, self.settings.radius, constants)
+
+
+class AffineConstants(nn.Module):
+    """:func:`affine_constants` for fixed settings: the part of ``refine_affine.onnx`` that runs
+    once, before the ``Loop``."""
+
+    def __init__(self, settings: RefineSettings | None = None) -> None:
+        super().__init__()
+        self.settings = settings or RefineSettings()
+
+    def forward(self, fixed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return affine_constants(fixed, self.settings.radius)
