@@ -23,7 +23,9 @@ option, else the plain command, which is then the network alone),
 ``gvsl_refine`` (``gvsl register`` with its refinement defaults; skipped
 with a note when the CLI has no ``--refine``), ``gvsl_fast`` (the same with
 ``--refine-levels 6,4``: the finest level at 4 mm, the speed / accuracy trade
-for large fields of view), and the peers ``ants``
+for large fields of view), ``gvsl_nonet`` (``--no-network``: the refinement
+from the initial and affine alignment alone, the network not run; skipped
+with a note when the CLI lacks the option), and the peers ``ants``
 (``ants.registration(type_of_transform="SyN")``), ``ants_quick``
 (``antsRegistrationSyNQuick[s]``), ``elastix`` (default affine + B-spline
 maps) and ``fireants`` (FireANTs' documented affine + greedy recipe),
@@ -77,9 +79,14 @@ from gvsl.synth import SynthConfig, make_subjects, random_displacement
 
 ROOT = Path(__file__).resolve().parent.parent
 SETS = ("mni", "ct_deform", "ct_affine", "brain")
-GVSL_METHODS = ("gvsl", "gvsl_refine", "gvsl_fast")
+GVSL_METHODS = ("gvsl", "gvsl_refine", "gvsl_fast", "gvsl_nonet")
 #: extra ``gvsl register`` options of each gvsl method
-GVSL_OPTIONS = {"gvsl": ["--refine", "0"], "gvsl_refine": [], "gvsl_fast": ["--refine-levels", "6,4"]}
+GVSL_OPTIONS = {
+    "gvsl": ["--refine", "0"],
+    "gvsl_refine": [],
+    "gvsl_fast": ["--refine-levels", "6,4"],
+    "gvsl_nonet": ["--no-network"],
+}
 PEER_METHODS = ("ants", "ants_quick", "elastix", "fireants")
 METHODS = GVSL_METHODS + PEER_METHODS
 METHOD_NAMES = {
@@ -87,6 +94,7 @@ METHOD_NAMES = {
     "gvsl": "gvsl network only",
     "gvsl_refine": "gvsl network + refinement",
     "gvsl_fast": "gvsl network + refinement, 6,4 mm",
+    "gvsl_nonet": "gvsl refinement alone (--no-network)",
     "ants": "ANTs SyN",
     "ants_quick": "ANTs SyNQuick",
     "elastix": "elastix affine+B-spline",
@@ -558,6 +566,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     methods.remove(refining)
                     notes.append(f"{refining} skipped: this `gvsl register` has no --refine option yet")
             notes.append("gvsl row: the plain `gvsl register` (no --refine option: the network alone)")
+        if "gvsl_nonet" in methods and "--no-network" not in OPTIONS[args.gvsl]:
+            methods.remove("gvsl_nonet")
+            notes.append("gvsl_nonet skipped: this `gvsl register` has no --no-network option yet")
     if set(methods) & set(PEER_METHODS):
         if not args.peers_python or not Path(args.peers_python).is_file():
             notes.append(f"peers skipped: --peers-python {args.peers_python!r} is not a python (EVALUATION.md)")

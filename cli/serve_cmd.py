@@ -114,6 +114,13 @@ def serve(
     regularisation: Annotated[
         float, typer.Option(help="Default refinement smoothness in [0, 1] (per request: 'regularisation').")
     ] = REFINE_DEFAULTS.regularisation,
+    network: Annotated[
+        bool,
+        typer.Option(
+            help="Default start of gvsl_register's refinement: the network's prediction, or (--no-network) the "
+            "initial alignment alone, the network not run (per request: 'network')."
+        ),
+    ] = REFINE_DEFAULTS.network,
     modality: Annotated[str, typer.Option(help=MODALITY_HELP)] = "auto",
     exit_timeout: Annotated[int, typer.Option(help="Seconds Triton waits for in-flight requests when stopping.")] = 10,
     log_file: Annotated[Path | None, typer.Option(help="Write Triton's log here instead of the console.")] = None,
@@ -161,6 +168,8 @@ def serve(
             argv += ["--threads", str(threads)]
         if allow_cpu_fallback:
             argv.append("--allow-cpu-fallback")
+        if not network:
+            argv.append("--no-network")
         if ready_file is not None:
             argv += ["--ready-file", str(ready_file.absolute())]
         if log_file is not None:
@@ -200,6 +209,7 @@ def serve(
         refine=refine,
         refine_levels=parse_levels(refine_levels),
         regularisation=regularisation,
+        network=network,
         modality=None if modality == "model" else modality,
         exit_timeout=exit_timeout,
         log_verbose=log_verbose,

@@ -294,7 +294,7 @@ class GvslClient:
         """Register ``moving`` onto ``fixed`` on the server; returns a ``Registration`` on the
         fixed grid (label maps warped, and scored against ``fixed_labels``, here with the served
         field). ``refine``: a :class:`~gvsl.runtime.refine.RefineOptions` (iterations and
-        regularisation are sent; ``None`` = the server's defaults)."""
+        regularisation are sent, and whether to run the network; ``None`` = the server's defaults)."""
         from .register import Registration, score_labels
         from .warp import warp_by_displacement
 
@@ -316,6 +316,7 @@ class GvslClient:
         if refine is not None:
             extra["refine"] = np.array([[int(refine.iterations)]], dtype=np.int32)
             extra["regularisation"] = np.array([[float(refine.regularisation)]], dtype=np.float32)
+            extra["network"] = np.array([[bool(refine.network)]], dtype=np.bool_)
         out = self.infer(
             self.register_model,
             {
@@ -326,7 +327,7 @@ class GvslClient:
                 "init": np.array([[init.encode()]], dtype=object),
                 **extra,
             },
-            ["affine", "matrix", "dvf", "warped", "metrics", "shift"],
+            ["affine", "matrix", "dvf", "warped", "metrics", "shift", "network_used"],
         )
         dvf_mm = out["dvf"][0]
         shift = np.asarray(out["shift"][0], dtype=np.float64)
@@ -352,4 +353,5 @@ class GvslClient:
             label_sources=[name for _, _, name in label_maps],
             shift_mm=shift,
             dice=score_labels(warped_labels, label_maps, reference_maps, fvol),
+            network=bool(np.asarray(out["network_used"][0]).reshape(-1)[0]),
         )

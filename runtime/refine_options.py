@@ -26,7 +26,11 @@ class RefineOptions:
     ``decay`` times fewer at each finer one), the pyramid ``levels`` (spacings in mm, coarse
     to fine; :func:`gvsl.runtime.refine.plan_levels`), ``step`` (largest update per
     iteration, in voxels of each level's finest axis), ``regularisation`` (0..1: how far
-    the total field is pulled towards its smoothed self each step) and ``similarity``."""
+    the total field is pulled towards its smoothed self each step) and ``similarity``.
+    ``network``: start from the registration network's prediction (the default) or, when
+    ``False``, from the initial (and affine) alignment alone, the network not run: a
+    training-free registration, for CPUs where the network's share of the time buys little
+    after refinement (EVALUATION.md §1.1h)."""
 
     iterations: int = 20
     levels: tuple[float, ...] = DEFAULT_LEVELS
@@ -41,6 +45,7 @@ class RefineOptions:
     affine_iterations: int = 40
     affine_step: float = 1.0
     affine_spacing: float = 8.0
+    network: bool = True
 
     def __post_init__(self) -> None:
         if int(self.iterations) != self.iterations or self.iterations < 0:
@@ -59,6 +64,10 @@ class RefineOptions:
             raise GvslInputError(f"refine step {self.step}: use a value in (0, 2] voxels")
         if not (math.isfinite(self.regularisation) and 0 <= self.regularisation <= 1):
             raise GvslInputError(f"--regularisation {self.regularisation}: use a value in [0, 1]")
+        if not self.network and self.iterations == 0:
+            raise GvslInputError(
+                "--no-network needs --refine above 0: without the network, refinement is the registration"
+            )
         if self.similarity not in SIMILARITIES:
             raise GvslInputError(f"--similarity {self.similarity}: use one of {', '.join(SIMILARITIES)}")
 

@@ -14,7 +14,9 @@ clinical pipeline:
    two patients' scans often have world origins hundreds of mm apart);
 2. the graph predicts the affine and the fused displacement ``dvf`` (voxels,
    pull-back: fixed voxel ``p`` reads moving voxel ``p + dvf(p)``) on the
-   padded model grid;
+   padded model grid (unless ``RefineOptions.network`` is off: then the
+   refinement starts from the initial alignment alone, a training-free
+   registration that spares the network's time on a CPU);
    then, unless refinement is off, :mod:`gvsl.runtime.refine` improves the
    transform for this pair with the exported ``refine.onnx`` graph
    (coarse-to-fine greedy local-CC ascent);
@@ -197,6 +199,9 @@ class Registration:
     refinement: list[dict[str, Any]] = field(default_factory=list)
     #: how the fixed and the moving image were normalised (what ``--modality auto`` decided)
     modalities: tuple[str | None, str | None] = (None, None)
+    #: whether the registration network ran (``False``: refinement from the initial alignment
+    #: alone, ``matrix`` the identity)
+    network: bool = True
 
     def save_warped(self, path: str | os.PathLike[str]) -> Path:
         return save_nifti(path, self.warped, self.affine)
@@ -446,22 +451,26 @@ class Registrar:
             )
             lap("refine affine")
 
-        # moving onto the fixed model grid through world space (initial alignment); 0 = background
-        moving_on_fixed = resample_to_grid(
-            mpre.data, np.linalg.inv(initial) @ mpre.affine, fpre.affine, fpre.data.shape, order=1, mode="constant"
-        )
         fpad, pads = pad_to_multiple(fpre.data, SIZE_MULTIPLE)
-        mpad, _ = pad_to_multiple(moving_on_fixed, SIZE_MULTIPLE)
-        out = self.backend.run({"fixed": fpad[None, None], "moving": mpad[None, None]}, ["affine", "dvf"])
-        matrix = out["affine"][0].astype(np.float64)
-        dvf = out["dvf"][0]  # [3, *padded fixed model grid], voxels
-        # world field on the padded model grid. The padded grid is kept: where the fixed image
-        # reaches past the last model voxel centre (resampling rounds the size), the network's
-        # own prediction in the margin beats repeating the edge.
         pad_affine = fpre.affine @ _translation([-b for b, _ in pads])
-        field_mm = dvf_voxel_to_mm(dvf, pad_affine).astype(np.float32)
-        field_affine = pad_affine
-        lap("network")
+        field_mm: np.ndarray | None = None
+        field_affine: np.ndarray | None = None
+        matrix = np.eye(3, 4)  # the affine head's identity (in either convention) when the network does not run
+        if options.network:
+            # moving onto the fixed model grid through world space (initial alignment); 0 = background
+            moving_on_fixed = resample_to_grid(
+                mpre.data, np.linalg.inv(initial) @ mpre.affine, fpre.affine, fpre.data.shape, order=1, mode="constant"
+            )
+            mpad, _ = pad_to_multiple(moving_on_fixed, SIZE_MULTIPLE)
+            out = self.backend.run({"fixed": fpad[None, None], "moving": mpad[None, None]}, ["affine", "dvf"])
+            matrix = out["affine"][0].astype(np.float64)
+            dvf = out["dvf"][0]  # [3, *padded fixed model grid], voxels
+            # world field on the padded model grid. The padded grid is kept: where the fixed image
+            # reaches past the last model voxel centre (resampling rounds the size), the network's
+            # own prediction in the margin beats repeating the edge.
+            field_mm = dvf_voxel_to_mm(dvf, pad_affine).astype(np.float32)
+            field_affine = pad_affine
+            lap("network")
 
         refinement: list[dict[str, Any]] = []
         if self.refiner is not None and options.enabled:
@@ -481,6 +490,7 @@ class Registrar:
             refinement = result.levels
             for level in refinement:
                 level["start"] = "network" if result.started_from_network else "initial alignment"
+        assert field_mm is not None and field_affine is not None  # RefineOptions: no network means refinement
 
         dvf_mm = resample_to_grid(field_mm, field_affine, fvol.affine, fvol.data.shape, order=1, mode="nearest")
         dvf_mm = compose_initial(initial, dvf_mm, fvol.affine)
@@ -533,4 +543,5 @@ class Registrar:
             stages=stages,
             refinement=refinement,
             modalities=(fpre.modality, mpre.modality),
+            network=options.network,
         )

@@ -225,7 +225,8 @@ class RegisterHandler(_Handler):
         inits = req.data.get("init")
         iterations = req.data.get("refine")
         smoothness = req.data.get("regularisation")
-        keys = ("affine", "matrix", "dvf", "warped", "metrics", "shift")
+        networks = req.data.get("network")
+        keys = ("affine", "matrix", "dvf", "warped", "metrics", "shift", "network_used")
         out: dict[str, list[np.ndarray]] = {k: [] for k in keys}
         for k in range(fixed.shape[0]):
             init = _decode(inits[k]) if inits is not None else self.default_init
@@ -237,6 +238,8 @@ class RegisterHandler(_Handler):
                     options = replace(options, iterations=int(np.asarray(iterations[k]).reshape(-1)[0]))
                 if smoothness is not None:
                     options = replace(options, regularisation=float(np.asarray(smoothness[k]).reshape(-1)[0]))
+                if networks is not None:
+                    options = replace(options, network=bool(np.asarray(networks[k]).reshape(-1)[0]))
                 f = _volume(fixed[k], faff[k], f"{REGISTER_MODEL} input 'fixed'", self.max_voxels)
                 m = _volume(moving[k], maff[k], f"{REGISTER_MODEL} input 'moving'", self.max_voxels)
                 res = self.registrar.register(f, m, init=init, refine=options)
@@ -248,6 +251,7 @@ class RegisterHandler(_Handler):
             out["dvf"].append(res.dvf_mm)
             out["warped"].append(res.warped)
             out["metrics"].append(np.array([res.metrics[name] for name in METRICS], dtype=np.float64))
+            out["network_used"].append(np.array([res.network], dtype=np.bool_))
         return {k: np.stack(v) for k, v in out.items()}
 
 
@@ -280,6 +284,7 @@ def _register_tensors() -> tuple[list, list]:
         Tensor(name="init", dtype=bytes, shape=(1,), optional=True),
         Tensor(name="refine", dtype=np.int32, shape=(1,), optional=True),
         Tensor(name="regularisation", dtype=np.float32, shape=(1,), optional=True),
+        Tensor(name="network", dtype=np.bool_, shape=(1,), optional=True),
     ]
     outputs = [
         Tensor(name="affine", dtype=np.float64, shape=(4, 4)),
@@ -288,6 +293,7 @@ def _register_tensors() -> tuple[list, list]:
         Tensor(name="warped", dtype=np.float32, shape=(-1, -1, -1)),
         Tensor(name="metrics", dtype=np.float64, shape=(len(METRICS),)),
         Tensor(name="shift", dtype=np.float64, shape=(3,)),
+        Tensor(name="network_used", dtype=np.bool_, shape=(1,)),
         Tensor(name=ERROR_OUTPUT, dtype=bytes, shape=(1,)),
     ]
     return inputs, outputs
@@ -359,7 +365,9 @@ def build_handlers(opts: ServeOptions) -> dict[str, tuple[Callable, list, list]]
         ins, outs = _embed_tensors(embedder.has_dense, info.embedding_dim, info.feature_dim)
         out[EMBED_MODEL] = (EmbedHandler(embedder, opts), ins, outs)
     if REGISTER_MODEL in opts.models:
-        options = RefineOptions(iterations=opts.refine, levels=opts.refine_levels, regularisation=opts.regularisation)
+        options = RefineOptions(
+            iterations=opts.refine, levels=opts.refine_levels, regularisation=opts.regularisation, network=opts.network
+        )
         registrar = Registrar(
             opts.model,
             opts.backend,

@@ -49,6 +49,8 @@ class ServeOptions:
     refine: int = RefineOptions.iterations
     refine_levels: tuple[float, ...] = DEFAULT_LEVELS
     regularisation: float = RefineOptions.regularisation
+    #: gvsl_register starts its refinement from the network (False: from the initial alignment alone)
+    network: bool = RefineOptions.network
     #: normalisation of every request (auto: CT or MR decided per volume; None: the model's own)
     modality: str | None = "auto"
     exit_timeout: int = 10

@@ -301,6 +301,8 @@ def test_refine_options_and_levels_are_checked():
         RefineOptions(iterations=-1)
     with pytest.raises(GvslInputError, match="--similarity"):
         RefineOptions(similarity="mi")
+    with pytest.raises(GvslInputError, match="--no-network needs --refine above 0"):
+        RefineOptions(iterations=0, network=False)
     fine = _box_volume((0.0, 0.0, 0.0), spacing=3.0)
     plan = plan_levels((8.0, 4.0, 2.0, 1.0), fine)
     assert [grid for _, grid in plan] == [(8.0,) * 3, (4.0,) * 3, (3.0,) * 3]  # nothing finer than the scan
@@ -341,6 +343,31 @@ def test_registrar_refinement_beats_the_network_on_an_unseen_pair(mni_pair):
     assert refined.dice["ml"]["1"] == pytest.approx(dice(refined.labels[0] == 1, a.labels == 1))
     det = jacobian_determinant(refined.dvf_mm, refined.affine)
     assert folding_stats(det)[0] > 0
+
+
+def test_registration_without_the_network_never_runs_it_and_still_aligns(mni_pair):
+    """``network=False``: the registration graph is not run, the refinement starts from the
+    initial alignment and still recovers the unseen pair (Dice far above the identity's)."""
+    a, b = mni_pair
+    fixed = volume_from_array(a.image * 1000, a.affine, "fixed")
+    moving = volume_from_array(b.image * 1000, b.affine, "moving")
+    kwargs = dict(
+        labels=volume_from_array(b.labels, b.affine, "ml"), fixed_labels=volume_from_array(a.labels, a.affine, "fl")
+    )
+    with Registrar(default_model_dir(), threads=2) as reg:
+        calls = []
+        run = reg.backend.run
+        reg.backend.run = lambda *args, **kw: calls.append(1) or run(*args, **kw)  # counts network runs
+        before = reg.register(fixed, moving, refine=RefineOptions(iterations=0), **kwargs)
+        assert len(calls) == 1
+        alone = reg.register(fixed, moving, refine=RefineOptions(iterations=25, levels=(4.0,), network=False), **kwargs)
+    assert len(calls) == 1 and alone.network is False and before.network is True
+    assert "network" not in alone.stages and [lvl["start"] for lvl in alone.refinement] == ["initial alignment"]
+    np.testing.assert_array_equal(alone.matrix, np.eye(3, 4))
+    np.testing.assert_array_equal(alone.world_matrix, alone.initial_matrix)  # no affine head: the initial map
+    identity = dice(b.labels == 1, a.labels == 1)
+    assert alone.dice["ml"]["1"] > identity + 0.1 and alone.dice["ml"]["mean"] > before.dice["ml"]["mean"] + 0.03
+    assert alone.metrics["folding_percent"] < 0.05
 
 
 def test_missing_refine_graph_warns_and_registers_with_the_network(tmp_path, mni_pair, monkeypatch):
@@ -391,6 +418,23 @@ def test_cli_register_reports_dice_init_and_stages(tmp_path, mni_pair):
     bad = runner.invoke(app, ["register", str(paths["f"]), str(paths["m"]), "-o", str(tmp_path / "x.nii.gz"),
                               "--regularisation", "3"])  # fmt: skip
     assert bad.exit_code != 0 and "--regularisation 3" in bad.output and "Traceback" not in bad.output
+    assert payload["network"] is True and len(payload["affine_network"]) == 3
+    res = runner.invoke(
+        app,
+        [
+            "register", str(paths["f"]), str(paths["m"]), "-o", str(tmp_path / "n.nii.gz"), "--metrics",
+            str(metrics), "--refine", "10", "--refine-levels", "4", "--no-network", "--quiet",
+        ],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    payload = json.loads(metrics.read_text())
+    assert payload["network"] is False and payload["affine_network"] is None
+    assert "network" not in payload["stages_seconds"]
+    assert payload["refinement"][0]["start"] == "initial alignment"
+    bad = runner.invoke(app, ["register", str(paths["f"]), str(paths["m"]), "-o", str(tmp_path / "y.nii.gz"),
+                              "--no-network", "--refine", "0"])  # fmt: skip
+    assert bad.exit_code != 0 and "--no-network needs --refine above 0" in bad.output
+    assert "Traceback" not in bad.output and not (tmp_path / "y.nii.gz").exists()
 
 
 # ----------------------------------------------------------------------------- affine stage

@@ -277,6 +277,14 @@ def test_served_results_equal_the_in_process_runtime(server, local, volumes, pro
             assert set(got.metrics) == set(METRICS)
             for k in METRICS:  # float64 sums: numpy 1.26 (server) vs 2.x (here) may differ in the last bit
                 assert got.metrics[k] == pytest.approx(ref.metrics[k], rel=1e-12, abs=1e-12), k
+        if full:  # the client's refinement options travel with the request, the network's start too
+            from gvsl.runtime.refine import RefineOptions
+
+            options = RefineOptions(iterations=4, network=False)
+            got = client.register(volumes["t1"], volumes["moving"], refine=options)
+            ref = registrar.register(volumes["t1"], volumes["moving"], refine=options)
+            np.testing.assert_array_equal(got.dvf_mm, ref.dvf_mm)
+            assert got.network is False and ref.network is False
 
 
 def _status(url: str) -> int:
@@ -349,8 +357,8 @@ def test_triton_endpoints_config_and_metrics(server):
         ]
         assert [o["name"] for o in cfg["output"]] == ["embedding", "embedding_raw", "features", ERROR_OUTPUT]
         cfg = c.get_model_config(REGISTER_MODEL)  # per-request initial alignment and refinement
-        assert [i["name"] for i in cfg["input"]][-3:] == ["init", "refine", "regularisation"]
-        assert "shift" in [o["name"] for o in cfg["output"]]
+        assert [i["name"] for i in cfg["input"]][-4:] == ["init", "refine", "regularisation", "network"]
+        assert {"shift", "network_used"} <= {o["name"] for o in cfg["output"]}
     finally:
         c.close()
     g = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}")
@@ -485,6 +493,16 @@ def test_a_bad_request_in_a_batch_does_not_fail_the_good_ones(tiny, local, volum
 
     expected = registrar.register((vol, aff), (vol, aff), refine=RefineOptions(iterations=0))
     np.testing.assert_array_equal(reg([plain])[0]["warped"][0], expected.warped)
+    # per-request start: refinement from the initial alignment alone, the network not run
+    alone = _Req(
+        {"fixed": vol[None], "fixed_affine": aff[None], "moving": vol[None], "moving_affine": aff[None],
+         "network": np.array([[False]], dtype=np.bool_)},
+        ["dvf", "network_used", ERROR_OUTPUT],
+    )  # fmt: skip
+    expected = registrar.register((vol, aff), (vol, aff), refine=RefineOptions(network=False))
+    got = reg([alone])[0]
+    np.testing.assert_array_equal(got["dvf"][0], expected.dvf_mm)
+    assert got["network_used"].tolist() == [[False]] and res["network_used"].tolist() == [[True], [True]]
 
 
 # ----------------------------------------------------------------------------- load and faults
