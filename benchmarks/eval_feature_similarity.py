@@ -21,7 +21,9 @@ Methods, on the same files:
   ``--iterations`` steps; ``features`` sums the local-CC force over the 16 feature
   channels (each channel scaled to [0, 1] over the pair);
 * ``register``: ``gvsl register --modality mr,ct`` as a user runs it (network + default
-  refinement, ncc);
+  refinement; ``--similarity auto`` takes mutual information, ``refine_mi.onnx``, for two
+  modalities); ``register_ncc``: the same with ``--similarity ncc`` (local CC, the default
+  before mutual information existed); ``register_nonet``: the default with ``--no-network``;
 * ``ants``: ANTs SyN with its defaults (Mattes MI for affine and SyN), through
   ``benchmarks/peer_register.py`` in the peers' venv.
 
@@ -159,12 +161,20 @@ def run_refinements(
     return rows
 
 
-def run_register(pair: dict[str, str], out: Path) -> dict[str, Any]:
+#: the ``gvsl register`` runs compared, and their extra options
+REGISTER_RUNS = {
+    "register": [],
+    "register_ncc": ["--similarity", "ncc"],
+    "register_nonet": ["--no-network"],
+}
+
+
+def run_register(pair: dict[str, str], out: Path, name: str = "register") -> dict[str, Any]:
     gvsl = Path(sys.executable).with_name("gvsl")
-    warped_labels = out / "register_labels.nii.gz"
-    cmd = [str(gvsl), "register", pair["fixed"], pair["moving"], "-o", str(out / "register.nii.gz"),
+    warped_labels = out / f"{name}_labels.nii.gz"
+    cmd = [str(gvsl), "register", pair["fixed"], pair["moving"], "-o", str(out / f"{name}.nii.gz"),
            "--labels", pair["moving_labels"], "--labels-out", str(warped_labels), "--modality", ",".join(MODALITIES),
-           "--quiet"]  # fmt: skip
+           "--quiet", *REGISTER_RUNS[name]]  # fmt: skip
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     seconds = time.perf_counter() - t0
@@ -203,14 +213,15 @@ def main(argv: list[str] | None = None) -> None:
         moving_labels = np.asarray(nib.load(pair["moving_labels"]).dataobj)
         row: dict[str, Any] = {"pair": k, "before": scores(moving_labels, fixed_labels)}
         row.update(run_refinements(pair, args.iterations, args.step, args.regularisation))
-        row["register"] = run_register(pair, args.out / f"pair{k}")
+        for name in REGISTER_RUNS:
+            row[name] = run_register(pair, args.out / f"pair{k}", name)
         if args.peers_python:
             row["ants"] = run_ants(pair, args.out / f"pair{k}", args.peers_python)
         results.append(row)
         print(json.dumps(row), flush=True)
     payload = {"settings": vars(args) | {"out": str(args.out)}, "pairs": pairs, "results": results}
     (args.out / "feature_similarity.json").write_text(json.dumps(payload, indent=2))
-    methods = [m for m in ("before", "ncc", "features", "register", "ants") if m in results[0]]
+    methods = [m for m in ("before", "ncc", "features", *REGISTER_RUNS, "ants") if m in results[0]]
     print("\n| method | " + " | ".join(["csf", "gm", "wm", "mean", "seconds"]) + " |")
     print("|---" * 6 + "|")
     for m in methods:

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                 # the field in voxels of the level grid: resized, lengths scaled by the grid ratio
                 start_field = _resize(field, (n,) * 3) * ((n - 1) / max(field_n - 1, 1))
                 f, m = _resize(fixed, (n,) * 3), _resize(moving, (n,) * 3)
-                field = refine(f, m, start_field, options.level_iterations(index), options.step,
+                field = refine(f, m, start_field, options.level_iterations(index), options.step_size,
                                options.regularisation, settings)  # fmt: skip
                 field_n = n
                 sync()

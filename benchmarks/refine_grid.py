@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
             "moving": np.roll(fixed, 1, axis=2),
             "dvf": np.zeros((1, 3, *fixed.shape[2:]), np.float32),
             "iterations": np.array(iterations, np.int64),
-            "step": np.array([options.step], np.float32),
+            "step": np.array([options.step_size], np.float32),
             "regularisation": np.array([options.regularisation], np.float32),
             "spacing": np.asarray(voxel_sizes(level.affine), np.float32),
         }

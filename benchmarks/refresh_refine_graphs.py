@@ -26,7 +26,9 @@ def main(folder: Path) -> None:
         for name in entries:
             data = (Path(tmp) / name).read_bytes()
             atomic_write(folder / name, lambda target, data=data: Path(target).write_bytes(data))
+    known = {entry["file"] for entry in manifest["artifacts"]}
     manifest["artifacts"] = [entries.get(entry["file"], entry) for entry in manifest["artifacts"]]
+    manifest["artifacts"] += [entry for name, entry in entries.items() if name not in known]  # graphs new to it
     save_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
     for name, entry in entries.items():
         print(f"{folder / name}: {entry['bytes']} bytes, sha256 {entry['sha256'][:12]}, parity {entry['parity']}")

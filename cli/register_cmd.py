@@ -127,7 +127,12 @@ def register(
         ),
     ] = REFINE_DEFAULTS.network,
     similarity: Annotated[
-        str, typer.Option(help="Refinement similarity: ncc (local normalised cross-correlation).")
+        str,
+        typer.Option(
+            help="Refinement similarity: ncc (local normalised cross-correlation, one modality), mi (mutual "
+            "information, refine_mi.onnx: two modalities, e.g. a CT onto an MR) or auto (mi when the two images are "
+            "normalised as different modalities, by --modality auto or FIXED,MOVING; else ncc)."
+        ),
     ] = REFINE_DEFAULTS.similarity,
     regularisation: Annotated[
         float,
@@ -314,7 +319,8 @@ def _print_report(res: Any, backend_name: str, seconds: float, written: list[Pat
             f"local CC {a['local_cc_before']:.4f} -> {a['local_cc_after']:.4f} ({kept})",
         )
     for level in res.refinement:
-        table.add_row(f"refine {level['spacing_mm']:g} mm", f"local CC {level['local_cc']:.4f}")
+        figure = ("local CC", level["local_cc"]) if "local_cc" in level else ("MI", level["mutual_information"])
+        table.add_row(f"refine {level['spacing_mm']:g} mm", f"{figure[0]} {figure[1]:.4f}")
     for name, scores in res.dice.items():
         for label, value in scores.items():
             table.add_row(f"Dice {Path(name).name} [{label}]", f"{value:.4f}")

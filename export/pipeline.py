@@ -200,7 +200,7 @@ def run_export(
         manifest = new_manifest(source, opt.manifest_view())
         onnx_files = _export_graphs(build_dir, source, opt, plan, volumes, manifest, steps)
         if plan.want_onnx:
-            steps("export refine.onnx, refine_affine.onnx")
+            steps("export refine.onnx, refine_mi.onnx, refine_affine.onnx")
             manifest["artifacts"] += _export_refine(tmp, opt.verify)
         engine_files = _build_engines(tmp, source, opt, plan, profiles, onnx_files, manifest, steps, say)
         if not plan.want_onnx:
@@ -418,8 +418,9 @@ def _write_triton(
 
 
 def _export_refine(folder: Path, verify: bool) -> list[dict[str, Any]]:
-    """Write ``refine.onnx`` and ``refine_affine.onnx`` (the instance-refinement graphs, no learned
-    weights) and return their manifest entries, each checked against PyTorch when ``verify``."""
+    """Write ``refine.onnx``, ``refine_mi.onnx`` and ``refine_affine.onnx`` (the instance-refinement
+    graphs, no learned weights) and return their manifest entries, each checked against PyTorch
+    when ``verify``."""
     from gvsl.export.refine_graph import (
         REFINE_ATOL,
         check_refine_tensorrt,
@@ -429,10 +430,14 @@ def _export_refine(folder: Path, verify: bool) -> list[dict[str, Any]]:
     )
     from gvsl.refine import RefineSettings
 
-    settings = RefineSettings()
     entries = []
-    verifiers = {artifact.REFINE: verify_refine, artifact.REFINE_AFFINE: verify_refine_affine}
-    for kind in (artifact.REFINE, artifact.REFINE_AFFINE):
+    verifiers = {
+        artifact.REFINE: verify_refine,
+        artifact.REFINE_MI: verify_refine,
+        artifact.REFINE_AFFINE: verify_refine_affine,
+    }
+    for kind in (artifact.REFINE, artifact.REFINE_MI, artifact.REFINE_AFFINE):
+        settings = RefineSettings(similarity="mi") if kind == artifact.REFINE_MI else RefineSettings()
         path = export_refine(folder / f"{kind}.onnx", settings, kind=kind)
         parity = []
         if verify:

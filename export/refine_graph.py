@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from gvsl import __version__
 from gvsl.export.errors import ExportError
+from gvsl.mutual_information import mutual_information
 from gvsl.refine import (
     AffineConstants,
     AffineStep,
@@ -56,12 +57,18 @@ __all__ = [
 ]
 
 _SPATIAL = {2: "depth", 3: "height", 4: "width"}
+#: how each refine graph's doc string names its similarity
+SIMILARITY_NAMES = {"ncc": "local-CC", "mi": "mutual-information"}
 
 
 class RefineSimilarity(nn.Module):
     """Mean local CC of ``fixed`` and ``moving`` warped by ``dvf`` over the level's window (the
-    fixed image's moments and the window from :class:`gvsl.refine.RefineConstants`): the
-    graph's second output."""
+    fixed image's moments and the window from :class:`gvsl.refine.RefineConstants`), or with
+    ``similarity="mi"`` their mutual information: the graph's second output."""
+
+    def __init__(self, similarity: str = "ncc") -> None:
+        super().__init__()
+        self.similarity = similarity
 
     def forward(
         self,
@@ -75,6 +82,8 @@ class RefineSimilarity(nn.Module):
         box_count: torch.Tensor,
     ) -> torch.Tensor:
         warped = sample_clamped(moving, grid + dvf)
+        if self.similarity == "mi":
+            return mutual_information(fixed, warped).reshape(1)
         cc = local_cc(fixed, warped, window=(box_taps, box_count), moments=(fixed_mean, fixed_variance))
         return cc.reshape(1)
 
@@ -297,7 +306,8 @@ def build_affine_model(settings: RefineSettings | None = None) -> Any:
 
 
 def build_refine_model(settings: RefineSettings | None = None) -> Any:
-    """The refine graph as an ONNX ModelProto (``Loop`` over the traced step, then the CC)."""
+    """The refine graph as an ONNX ModelProto (``Loop`` over the traced step, then the CC, or the
+    mutual information for ``settings.similarity == "mi"``: ``refine_mi.onnx``)."""
     from onnx import TensorProto, helper
 
     settings = settings or RefineSettings()
@@ -320,7 +330,7 @@ def build_refine_model(settings: RefineSettings | None = None) -> Any:
     )
     similarity_inputs = ["grid", "fixed_mean", "fixed_variance", "box_taps", "box_count"]
     cc = _trace(
-        RefineSimilarity().eval(),
+        RefineSimilarity(settings.similarity).eval(),
         (fixed, moving, dvf, *(getattr(constants, name) for name in similarity_inputs)),
         ["fixed", "moving", "dvf", *similarity_inputs],
         ["sim"],
@@ -345,9 +355,9 @@ def build_refine_model(settings: RefineSettings | None = None) -> Any:
         ],
         result=("dvf_refined", field),
         initializers=[helper.make_tensor("reference_init", TensorProto.FLOAT, [1], [1.0])],
-        kind=artifact.REFINE,
+        kind=artifact.REFINE_KINDS[settings.similarity],
         settings=settings,
-        doc="GVSL refinement graph: greedy diffeomorphic local-CC ascent (gvsl.refine)",
+        doc=f"GVSL refinement graph: greedy diffeomorphic {SIMILARITY_NAMES[settings.similarity]} ascent (gvsl.refine)",
         prelude=prelude,
     )
 
@@ -355,11 +365,18 @@ def build_refine_model(settings: RefineSettings | None = None) -> Any:
 def export_refine(
     path: str | os.PathLike[str], settings: RefineSettings | None = None, kind: str = artifact.REFINE
 ) -> Path:
-    """Write ``refine.onnx`` (or, for ``kind="refine_affine"``, ``refine_affine.onnx``) to ``path``
-    (atomically) and return the path."""
+    """Write ``refine.onnx`` (or, for ``kind="refine_affine"``, ``refine_affine.onnx``; for
+    ``kind="refine_mi"``, ``refine_mi.onnx``: ``settings`` with the mutual information) to
+    ``path`` (atomically) and return the path."""
+    from dataclasses import replace
+
     from gvsl.runtime.io import atomic_write
 
     path = Path(path)
+    settings = settings or RefineSettings()
+    if kind in artifact.REFINE_KINDS.values():
+        similarity = next(name for name, k in artifact.REFINE_KINDS.items() if k == kind)
+        settings = replace(settings, similarity=similarity)
     try:
         model = build_affine_model(settings) if kind == artifact.REFINE_AFFINE else build_refine_model(settings)
     except Exception as e:  # exporter / checker failure: one line

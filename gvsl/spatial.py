@@ -61,6 +61,7 @@ __all__ = [
     "dvf_voxel_to_mm",
     "dvf_warp",
     "identity_grid",
+    "image_gradient",
     "sample",
     "SAMPLERS",
     "voxel_affine_locations",
@@ -322,3 +323,12 @@ def compose_affine_dvf(mat: torch.Tensor, dvf: torch.Tensor, convention: str = "
     q = (grid + dvf).flatten(2)
     mapped = vox[:, :, :3] @ q + vox[:, :, 3:]
     return mapped.view_as(dvf) - grid
+
+
+def image_gradient(volume: torch.Tensor) -> torch.Tensor:
+    """Central-difference gradient ``[N, 3, D, H, W]`` of ``volume [N, 1, D, H, W]`` (edge-replicated)."""
+    padded = F.pad(volume, (1, 1, 1, 1, 1, 1), mode="replicate")
+    gd = (padded[:, :, 2:, 1:-1, 1:-1] - padded[:, :, :-2, 1:-1, 1:-1]) * 0.5
+    gh = (padded[:, :, 1:-1, 2:, 1:-1] - padded[:, :, 1:-1, :-2, 1:-1]) * 0.5
+    gw = (padded[:, :, 1:-1, 1:-1, 2:] - padded[:, :, 1:-1, 1:-1, :-2]) * 0.5
+    return torch.cat([gd, gh, gw], dim=1)

@@ -14,6 +14,8 @@ ENCODER = "encoder"
 REGISTRATION = "registration"
 REFINE = "refine"
 REFINE_AFFINE = "refine_affine"
+#: the refine graph of the mutual-information similarity (two modalities): refine.onnx's inputs and outputs
+REFINE_MI = "refine_mi"
 
 #: encoder graph: image [N,1,D,H,W] -> embedding [N,C], features [N,F,D,H,W] (optional)
 ENCODER_INPUTS = ("image",)
@@ -34,7 +36,9 @@ REFINE_OUTPUTS = ("dvf_refined", "similarity")
 REFINE_AFFINE_INPUTS = ("fixed", "moving", "matrix", "iterations", "step")
 REFINE_AFFINE_OUTPUTS = ("matrix_refined", "similarity")
 #: inputs that graphs of earlier exports lack (the runtime then does without: isotropic refine levels)
-OPTIONAL_INPUTS = {REFINE: ("spacing",)}
+OPTIONAL_INPUTS = {REFINE: ("spacing",), REFINE_MI: ()}
+#: the refine graph of each similarity (``RefineOptions.similarity``)
+REFINE_KINDS = {"ncc": REFINE, "mi": REFINE_MI}
 
 #: metadata_props keys (values are strings; JSON where structured)
 META_FORMAT = "gvsl.format"  # FORMAT

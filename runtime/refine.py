@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from . import artifact
 from .backends import Backend
 from .errors import GvslInputError
 from .geometry import dvf_mm_to_voxel, dvf_voxel_to_mm
@@ -46,6 +47,8 @@ __all__ = [
 
 #: Largest level grid (voxels) refined: about 512 MB of float32 working tensors in the graph.
 MAX_LEVEL_VOXELS = 12_000_000
+#: the name of each similarity's figure in a level's report (the graph's ``similarity`` output)
+SIMILARITY_KEYS = {"ncc": "local_cc", "mi": "mutual_information"}
 
 
 @dataclass
@@ -195,7 +198,10 @@ def refine_world_field(
     """Refine the world field ``field_mm`` (on grid ``field_affine``; ``None`` = none) between the
     original ``fixed`` and ``moving`` volumes, ``initial`` (4x4, fixed mm -> moving mm) being the
     initial alignment the field is relative to; ``moving_cfg`` preprocesses the moving volume
-    where it differs from ``cfg``."""
+    where it differs from ``cfg``. The graph's kind says which similarity it maximises
+    (refine: ncc, refine_mi: mi), and so which default step applies."""
+    similarity = next((name for name, kind in artifact.REFINE_KINDS.items() if kind == backend.info.kind), "ncc")
+    options = replace(options, similarity=similarity)
     # graphs exported before the refinement took voxel sizes run on isotropic grids
     anisotropic = "spacing" in backend.input_names
     plan = plan_levels(options.levels, fixed, cfg, anisotropic=anisotropic)
@@ -213,7 +219,7 @@ def refine_world_field(
         feed = {
             "fixed": np.ascontiguousarray(fixed_level.data, dtype=np.float32)[None, None],
             "moving": np.ascontiguousarray(moving_on_fixed, dtype=np.float32)[None, None],
-            "step": np.array([options.step], dtype=np.float32),
+            "step": np.array([options.step_size], dtype=np.float32),
             "regularisation": np.array([options.regularisation], dtype=np.float32),
         }
         if anisotropic:
@@ -235,7 +241,8 @@ def refine_world_field(
                 "grid_mm": [round(g, 4) for g in grid],
                 "shape": list(shape),
                 "iterations": iterations,
-                "local_cc": round(float(out["similarity"][0]), 6),
+                "similarity": options.similarity,
+                SIMILARITY_KEYS[options.similarity]: round(float(out["similarity"][0]), 6),
             }
         )
         current = np.asarray(dvf_voxel_to_mm(refined, fixed_level.affine), dtype=np.float32)

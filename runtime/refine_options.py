@@ -9,15 +9,22 @@ scipy stack: every front end offers the same defaults, written once.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import GvslInputError
 
-__all__ = ["DEFAULT_LEVELS", "SIMILARITIES", "RefineOptions", "format_levels", "parse_levels"]
+__all__ = ["DEFAULT_LEVELS", "DEFAULT_STEPS", "SIMILARITIES", "RefineOptions", "format_levels", "parse_levels"]
 
 #: Pyramid spacings (mm) used unless ``levels`` says otherwise.
 DEFAULT_LEVELS = (6.0, 3.0)
-SIMILARITIES = ("ncc",)
+#: the refinement's similarities: local normalised cross-correlation (one modality) and mutual
+#: information (two: CT onto MR), each with its own graph (refine.onnx, refine_mi.onnx); "auto"
+#: takes mi when the two images were normalised as different modalities, else ncc
+SIMILARITIES = ("auto", "ncc", "mi")
+#: default largest update per iteration (voxels of the finest axis) of each similarity: the
+#: mutual information's force changes abruptly with the histogram, and its ascent gains from
+#: small steps (a sweep on CT <-> MR tuning pairs, EVALUATION.md §1.1i)
+DEFAULT_STEPS = {"ncc": 0.5, "mi": 0.1}
 
 
 @dataclass(frozen=True)
@@ -25,8 +32,9 @@ class RefineOptions:
     """How ``gvsl register`` refines: ``iterations`` at the coarsest level (0 = network only;
     ``decay`` times fewer at each finer one), the pyramid ``levels`` (spacings in mm, coarse
     to fine; :func:`gvsl.runtime.refine.plan_levels`), ``step`` (largest update per
-    iteration, in voxels of each level's finest axis), ``regularisation`` (0..1: how far
-    the total field is pulled towards its smoothed self each step) and ``similarity``.
+    iteration, in voxels of each level's finest axis; ``None`` = the similarity's own,
+    :data:`DEFAULT_STEPS`), ``regularisation`` (0..1: how far the total field is pulled
+    towards its smoothed self each step) and ``similarity`` (:data:`SIMILARITIES`).
     ``network``: start from the registration network's prediction (the default) or, when
     ``False``, from the initial (and affine) alignment alone, the network not run: a
     training-free registration, for CPUs where the network's share of the time buys little
@@ -34,9 +42,9 @@ class RefineOptions:
 
     iterations: int = 20
     levels: tuple[float, ...] = DEFAULT_LEVELS
-    step: float = 0.5
+    step: float | None = None
     regularisation: float = 0.3
-    similarity: str = "ncc"
+    similarity: str = "auto"
     #: iterations shrink by this factor per finer level (1 = the same number at every level)
     decay: float = 0.5
     #: affine refinement before the network (0 = none), on an isotropic grid of
@@ -60,7 +68,7 @@ class RefineOptions:
             raise GvslInputError(f"affine spacing {self.affine_spacing}: give a positive spacing in mm")
         if not (math.isfinite(self.decay) and 0 < self.decay <= 1):
             raise GvslInputError(f"refine decay {self.decay}: use a value in (0, 1]")
-        if not (math.isfinite(self.step) and 0 < self.step <= 2):
+        if self.step is not None and not (math.isfinite(self.step) and 0 < self.step <= 2):
             raise GvslInputError(f"refine step {self.step}: use a value in (0, 2] voxels")
         if not (math.isfinite(self.regularisation) and 0 <= self.regularisation <= 1):
             raise GvslInputError(f"--regularisation {self.regularisation}: use a value in [0, 1]")
@@ -70,6 +78,23 @@ class RefineOptions:
             )
         if self.similarity not in SIMILARITIES:
             raise GvslInputError(f"--similarity {self.similarity}: use one of {', '.join(SIMILARITIES)}")
+
+    @property
+    def step_size(self) -> float:
+        """The largest update per iteration this refinement uses: ``step``, else the similarity's
+        default (ncc's while ``similarity`` is still "auto")."""
+        if self.step is not None:
+            return float(self.step)
+        return DEFAULT_STEPS["ncc" if self.similarity == "auto" else self.similarity]
+
+    def for_modalities(self, fixed: str | None, moving: str | None) -> RefineOptions:
+        """These options with ``similarity`` decided for a pair normalised as ``fixed`` /
+        ``moving`` ("ct", "mr" or ``None``): "auto" becomes mi when both are known and differ
+        (a CT onto an MR: intensities related, not alike), else ncc."""
+        if self.similarity != "auto":
+            return self
+        both = fixed is not None and moving is not None
+        return replace(self, similarity="mi" if both and fixed != moving else "ncc")
 
     @property
     def enabled(self) -> bool:

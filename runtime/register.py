@@ -45,6 +45,7 @@ image, the Dice of each warped moving label against them.
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -308,7 +309,8 @@ class Registrar:
     refinement after the network (:class:`RefineOptions`; ``None`` or
     ``iterations=0`` = the network alone; default: :class:`RefineOptions`' defaults); ``refine_model``: the
     ``refine.onnx`` to run (default: the one beside ``model``, else the one
-    shipped with gvsl). ``fill``: value outside the moving image's field of
+    shipped with gvsl; ``similarity="mi"`` runs ``refine_mi.onnx``, found the
+    same way). ``fill``: value outside the moving image's field of
     view ("min" = its minimum, i.e. air/background). ``modality``: how both
     images are normalised (default "auto", as ``gvsl register``: CT windowing or MR
     percentiles, decided per image; ct, mr, none; ``None`` = the model's own), or
@@ -337,6 +339,7 @@ class Registrar:
             raise GvslInputError(f"fill must be 'min' or a number, got {fill!r}")
         if backend_options.get("threads"):
             cpu_pool.set_threads(backend_options["threads"])
+        self._model = model  # where the refine graphs of other similarities are looked for
         if isinstance(model, Backend):
             self.backend = model
         else:
@@ -359,6 +362,10 @@ class Registrar:
                     "(re-export with `gvsl export` for refinement)",
                     stacklevel=2,
                 )
+        #: refine graphs by similarity; the mutual information's is loaded on first use
+        self._refiners: dict[str, Backend | None] = {"ncc": self.refiner}
+        self._refine_backend = (refine_backend, device, backend_options)
+        self._refiners_lock = threading.Lock()
         self.affine_refiner: Backend | None = None
         affine_path = _refine_file(model, artifact.REFINE_AFFINE) if not isinstance(refine_model, Backend) else None
         if affine_path is not None:
@@ -379,9 +386,22 @@ class Registrar:
 
     def close(self) -> None:
         self.backend.close()
-        for extra in (self.refiner, self.affine_refiner):
+        for extra in {id(r): r for r in (*self._refiners.values(), self.affine_refiner)}.values():
             if extra is not None:
                 extra.close()
+
+    def refiner_for(self, similarity: str) -> Backend | None:
+        """The refine graph of ``similarity`` (``refine.onnx`` for ncc, ``refine_mi.onnx`` for mi:
+        beside the model, else the shipped one), loaded once; ``None`` when there is none."""
+        with self._refiners_lock:
+            if similarity not in self._refiners:
+                kind = artifact.REFINE_KINDS[similarity]
+                path = _refine_file(self._model, kind)
+                backend, device, options = self._refine_backend
+                self._refiners[similarity] = (
+                    None if path is None else load_backend(path, kind, backend, device, **options)
+                )
+            return self._refiners[similarity]
 
     def __enter__(self) -> Registrar:
         return self
@@ -407,12 +427,6 @@ class Registrar:
         if init not in INITS:
             raise GvslInputError(f"--init {init}: use one of {', '.join(INITS)}")
         options = refine if refine is not None else self.refine_options
-        if options.enabled and self.refiner is None:
-            raise GvslInputError(
-                f"{self.info.path}: refinement asked for, but no refine.onnx was found; re-export the model with "
-                "`gvsl export`, or use --refine 0",
-                self.info.path,
-            )
         stages: dict[str, float] = {}
         clock = [time.perf_counter()]
 
@@ -441,6 +455,16 @@ class Registrar:
             with_modality(self.preprocess, fpre.modality),
             with_modality(self.moving_preprocess, mpre.modality),
         )
+        # "auto" similarity: mutual information when the two were normalised as different modalities
+        options = options.for_modalities(fpre.modality, mpre.modality)
+        refiner = self.refiner_for(options.similarity) if options.enabled else None
+        if options.enabled and refiner is None:
+            graph = f"{artifact.REFINE_KINDS[options.similarity]}.onnx"
+            raise GvslInputError(
+                f"{self.info.path}: refinement asked for, but no {graph} was found; re-export the model with "
+                "`gvsl export`, or use --refine 0",
+                self.info.path,
+            )
         shift, init_used = initial_shift(init, fvol, mvol, fpre, mpre)
         initial = _translation(shift)  # fixed mm -> moving mm, before the network
         lap("read and preprocess")
@@ -473,9 +497,9 @@ class Registrar:
             lap("network")
 
         refinement: list[dict[str, Any]] = []
-        if self.refiner is not None and options.enabled:
+        if refiner is not None:
             result = refine_world_field(
-                self.refiner,
+                refiner,
                 fvol,
                 mvol,
                 cfg,

@@ -198,10 +198,13 @@ def test_manifest_lists_artifacts_with_hashes_and_parity(exported):
     out, man = exported["out"], exported["manifest"]
     assert json.loads((out / "manifest.json").read_text()) == man
     files = {a["file"]: a for a in man["artifacts"]}
-    refine = {name: files.pop(name) for name in ("refine.onnx", "refine_affine.onnx")}
+    refine = {name: files.pop(name) for name in ("refine.onnx", "refine_mi.onnx", "refine_affine.onnx")}
     assert set(files) == {"encoder.onnx", "registration.onnx", "encoder.fp16.onnx", "registration.fp16.onnx"}
     # the refinement graphs: no weights, TensorRT-parsable, the deformable one checked against torch
-    assert refine["refine.onnx"]["kind"] == "refine" and refine["refine_affine.onnx"]["kind"] == "refine_affine"
+    assert {name: a["kind"] for name, a in refine.items()} == {
+        "refine.onnx": "refine", "refine_mi.onnx": "refine_mi", "refine_affine.onnx": "refine_affine"
+    }  # fmt: skip
+    assert refine["refine_mi.onnx"]["settings"]["similarity"] == "mi"
     for name, a in refine.items():
         assert a["sha256"] == sha256_file(out / name) and a["tensorrt_compatible"] is True
     assert refine["refine.onnx"]["parity"][0]["passed"] and refine["refine.onnx"]["parity"][0]["max_abs"] < 1e-4
@@ -531,6 +534,7 @@ def test_existing_output_needs_force_and_parity_failure_writes_nothing(tiny_run,
         "manifest.json",
         "refine.onnx",
         "refine_affine.onnx",
+        "refine_mi.onnx",
         "registration.onnx",
     ]
     assert _clean(tmp_path)

@@ -249,10 +249,13 @@ def test_a_refine_graph_without_voxel_sizes_still_refines_on_isotropic_levels(re
 def test_shipped_default_model_has_a_current_refine_graph():
     shipped = default_model_dir() / "refine.onnx"
     assert verify_refine(shipped)["passed"]
+    assert verify_refine(default_model_dir() / "refine_mi.onnx", RefineSettings(similarity="mi"))["passed"]
     assert verify_refine_affine(default_model_dir() / "refine_affine.onnx")["passed"]
     manifest = json.loads((default_model_dir() / "manifest.json").read_text())
+    recorded = [entry["kind"] for entry in manifest["artifacts"] if entry["kind"].startswith("refine")]
+    assert sorted(recorded) == ["refine", "refine_affine", "refine_mi"]
     for entry in manifest["artifacts"]:
-        if entry["kind"] in ("refine", "refine_affine"):  # each graph's parity is on record
+        if entry["kind"] in recorded:  # each graph's parity is on record
             assert [p["passed"] for p in entry["parity"]] == [True], entry["file"]
     meta = load_backend(shipped, "refine", "onnxruntime", "cpu").info.extra["refine"]
     assert meta == RefineSettings().to_dict()
@@ -300,7 +303,7 @@ def test_refine_options_and_levels_are_checked():
     with pytest.raises(GvslInputError, match="--refine -1"):
         RefineOptions(iterations=-1)
     with pytest.raises(GvslInputError, match="--similarity"):
-        RefineOptions(similarity="mi")
+        RefineOptions(similarity="features")
     with pytest.raises(GvslInputError, match="--no-network needs --refine above 0"):
         RefineOptions(iterations=0, network=False)
     fine = _box_volume((0.0, 0.0, 0.0), spacing=3.0)

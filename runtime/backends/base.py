@@ -32,6 +32,7 @@ GRAPH_IO = {
     artifact.ENCODER: (artifact.ENCODER_INPUTS, artifact.ENCODER_OUTPUTS),
     artifact.REGISTRATION: (artifact.REGISTRATION_INPUTS, artifact.REGISTRATION_OUTPUTS),
     artifact.REFINE: (artifact.REFINE_INPUTS, artifact.REFINE_OUTPUTS),
+    artifact.REFINE_MI: (artifact.REFINE_INPUTS, artifact.REFINE_OUTPUTS),
     artifact.REFINE_AFFINE: (artifact.REFINE_AFFINE_INPUTS, artifact.REFINE_AFFINE_OUTPUTS),
 }
 
@@ -169,7 +170,7 @@ def input_profile(info: ModelInfo, max_shape: Sequence[int] | None, max_batch: i
     """(min, opt, max) input shapes for engine builders: encoder windows never exceed
     the patch; the registration graph takes the whole padded volume up to ``max_shape``; the
     refine graph takes whole level grids of any size >= 2 and fixed-shape scalars."""
-    if info.kind in (artifact.REFINE, artifact.REFINE_AFFINE):
+    if info.kind in (artifact.REFINE, artifact.REFINE_MI, artifact.REFINE_AFFINE):
         top = tuple(int(s) for s in (max_shape or (256, 256, 256)))
         prof: dict[str, tuple] = {}
         for name, channels in (("fixed", 1), ("moving", 1), ("dvf", 3)):

@@ -29,6 +29,7 @@ ONNX_NAMES = {
     artifact.REGISTRATION: "registration.onnx",
     artifact.REFINE: "refine.onnx",
     artifact.REFINE_AFFINE: "refine_affine.onnx",
+    artifact.REFINE_MI: "refine_mi.onnx",
 }
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
 ENGINE_SUFFIXES = (".engine", ".plan")
@@ -49,7 +50,8 @@ def info_from_metadata(meta: Mapping[str, str], path: Path, want_kind: str) -> M
             f"({ONNX_NAMES[want_kind]}); pass the export folder or that file",
             name,
         )
-    if kind in (artifact.REFINE, artifact.REFINE_AFFINE):  # no learned weights: its constants are all it describes
+    # a refine graph has no learned weights: its constants are all it describes
+    if kind in (artifact.REFINE, artifact.REFINE_MI, artifact.REFINE_AFFINE):
         try:
             settings = json.loads(meta.get(artifact.META_REFINE) or "{}")
         except ValueError as e:
