@@ -157,3 +157,31 @@ def test_registrar_refines_a_two_contrast_pair_on_mutual_information():
     assert mi.dice["ml"]["mean"] > network.dice["ml"]["mean"] + 0.05, (mi.dice, network.dice)
     assert mi.dice["ml"]["mean"] > ncc.dice["ml"]["mean"] - 0.01, (mi.dice, ncc.dice)
     assert mi.metrics["folding_percent"] < 0.05
+
+
+def test_cli_register_with_mutual_information_reports_it(tmp_path):
+    import json
+
+    import nibabel as nib
+    from typer.testing import CliRunner
+
+    from gvsl.cli.main import app
+
+    image, labels = _phantom((24, 26, 22))
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    paths = {}
+    for name, arr in (("f", image * 1000), ("m", np.roll(_contrast(image), 1, axis=0) * 1000)):
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(arr.astype(np.float32), affine), paths[name])
+    metrics = tmp_path / "m.json"
+    runner = CliRunner()
+    args = ["register", str(paths["f"]), str(paths["m"]), "-o", str(tmp_path / "w.nii.gz"), "--metrics", str(metrics),
+            "--refine", "6", "--refine-levels", "4", "--similarity", "mi", "--modality", "mr"]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    level = json.loads(metrics.read_text())["refinement"][0]
+    assert level["similarity"] == "mi" and level["mutual_information"] > 0.1
+    assert "MI " in res.output  # the report names the figure
+    bad = runner.invoke(app, [*args[:3], "-o", str(tmp_path / "x.nii.gz"), "--similarity", "nmi"])
+    assert bad.exit_code != 0 and "--similarity nmi: use one of auto, ncc, mi" in bad.output
+    assert "Traceback" not in bad.output and not (tmp_path / "x.nii.gz").exists()
