@@ -19,7 +19,8 @@ clinical pipeline:
    registration that spares the network's time on a CPU);
    then, unless refinement is off, :mod:`gvsl.runtime.refine` improves the
    transform for this pair with the exported ``refine.onnx`` graph
-   (coarse-to-fine greedy local-CC ascent);
+   (coarse-to-fine greedy local-CC ascent; for two modalities, ``similarity``
+   "auto" or "mi", the mutual-information ascent of ``refine_mi.onnx``);
 3. that field becomes a world field ``d(x)`` in RAS mm (``A · dvf`` with the
    grid's affine ``A``, plus the initial shift), is resampled trilinearly to
    the fixed image's voxel centres (from the padded grid, so voxels just past
