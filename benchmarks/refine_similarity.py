@@ -16,6 +16,7 @@ import argparse
 import statistics
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     for similarity, (backend, _, times) in runs.items():
         med = statistics.median(times)
         per_iteration = 1000 * med / iterations
-        print(f"| {backend.info.path.name} ({similarity}) | {med:.3f} | {per_iteration:.0f} | {med / base:.2f} |")
+        print(f"| {Path(backend.info.path).name} ({similarity}) | {med:.3f} | {per_iteration:.0f} | {med / base:.2f} |")
 
 
 if __name__ == "__main__":
